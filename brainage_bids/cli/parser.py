@@ -1,0 +1,118 @@
+"""Command-line parser (BIDS-Apps convention)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .. import __version__
+
+LEVELS = ("participant", "group", "train")
+PLUGINS = ("MultiProc", "Linear", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph",
+           "LSF", "Condor", "OAR")
+
+# Exit codes of the draft BIDS execution specification.
+EXIT_OK = 0
+EXIT_PARTICIPANT_FAILED = 1
+EXIT_VALIDATION = 16
+EXIT_UNKNOWN_LEVEL = 17
+EXIT_NO_MATCH = 18
+EXIT_USAGE = 64
+EXIT_DATA = 65
+EXIT_NO_INPUT = 66
+EXIT_CANT_CREATE = 73
+
+
+class UsageError(Exception):
+    """Bad command line; carries the exit code to use."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse exits 2; the BIDS spec says 64 for usage errors
+        self.print_usage()
+        raise UsageError(f"{self.prog}: error: {message}", EXIT_USAGE)
+
+
+def _label(value: str, prefix: str) -> str:
+    return value[len(prefix):] if value.startswith(prefix) else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="brainage-bids",
+        description="Brain age from T1w MRI as a BIDS App: participant -> group, or train a model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", help="the input BIDS dataset (read only)")
+    p.add_argument("output_dir", help="where derivatives are written (never inside bids_dir)")
+    p.add_argument("analysis_level", help=f"one of {', '.join(LEVELS)}")
+    p.add_argument("--version", action="version", version=f"brainage-bids {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+
+    sel = p.add_argument_group("selecting data")
+    sel.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                     type=lambda s: _label(s, "sub-"), help="participants to process (sub- optional)")
+    sel.add_argument("--session-label", nargs="+", metavar="LABEL", type=lambda s: _label(s, "ses-"),
+                     help="sessions to process (ses- optional)")
+    sel.add_argument("--bids-filter-file", metavar="FILE",
+                     help='JSON of PyBIDS filters for the "t1w" query, as in fMRIPrep')
+    sel.add_argument("--skip-bids-validation", action="store_true",
+                     help="do not check file names and dataset_description.json")
+
+    run = p.add_argument_group("execution")
+    run.add_argument("-w", "--work-dir", metavar="DIR",
+                     help="intermediate files (default: brainage-bids-work in the system temp folder)")
+    run.add_argument("--nprocs", type=int, default=os.cpu_count() or 1,
+                     help="processes run in parallel (MultiProc)")
+    run.add_argument("--omp-nthreads", type=int, default=None,
+                     help="threads per process (default: nprocs, at most 8)")
+    run.add_argument("--plugin", default="MultiProc", choices=PLUGINS, help="Nipype execution plugin")
+    run.add_argument("--plugin-args", metavar="JSON|FILE",
+                     help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p short"}\', or a '
+                          "JSON/YAML file")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                     help="where networks run")
+
+    proc = p.add_argument_group("processing")
+    proc.add_argument("--model", metavar="FILE",
+                      help="model checkpoint (default: the model shipped with the package)")
+    proc.add_argument("--skull-strip", choices=("auto", "deepbet", "hd-bet", "none"), default="auto",
+                      help="auto: HD-BET when installed with its weights and a GPU is used, else "
+                           "deepbet; none: inputs are already brain-extracted")
+    proc.add_argument("--preproc-only", action="store_true",
+                      help="participant level: write the MNI images and masks only (for `train`)")
+
+    tr = p.add_argument_group("train level")
+    tr.add_argument("--model-name", default="brainage-sfcn", help="name of the trained model")
+    tr.add_argument("--epochs", type=int, default=60)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--learning-rate", type=float, default=1e-3)
+    tr.add_argument("--weight-decay", type=float, default=1e-3)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--voxel-size", type=float, default=2.0, help="input grid of the model, mm")
+    tr.add_argument("--channels", type=int, nargs=6, default=[16, 32, 64, 128, 128, 32],
+                    metavar="C", help="SFCN channel widths (32 64 128 256 256 64 is the full SFCN)")
+    tr.add_argument("--age-bins", type=float, nargs=2, default=[6.0, 90.0], metavar=("LO", "HI"),
+                    help="soft-label age range, one-year bins")
+    tr.add_argument("--val-fraction", type=float, default=0.15,
+                    help="validation share of the training participants")
+    tr.add_argument("--test-fraction", type=float, default=0.2,
+                    help="held-out test share, never used for training or model selection")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    opts = build_parser().parse_args(argv)
+    if opts.analysis_level not in LEVELS:
+        raise UsageError(f"unknown analysis level {opts.analysis_level!r}; choose from "
+                         f"{', '.join(LEVELS)}", EXIT_UNKNOWN_LEVEL)
+    if opts.nprocs < 1:
+        raise UsageError("--nprocs must be at least 1")
+    if opts.omp_nthreads is None:
+        opts.omp_nthreads = min(opts.nprocs, 8)
+    if opts.omp_nthreads < 1:
+        raise UsageError("--omp-nthreads must be at least 1")
+    return opts

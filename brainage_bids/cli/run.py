@@ -1,0 +1,213 @@
+"""Entry point: one function per analysis level."""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import sys
+import tempfile
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from .parser import (
+    EXIT_CANT_CREATE,
+    EXIT_NO_INPUT,
+    EXIT_OK,
+    EXIT_PARTICIPANT_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    parse_args,
+)
+
+LOG = logging.getLogger("brainage_bids")
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "models" / "ixi-sfcn-2mm.pt"
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def check_paths(opts) -> tuple[Path, Path, Path]:
+    """Resolve and check bids_dir, output_dir and work_dir before any work starts."""
+    bids_dir = Path(opts.bids_dir).resolve()
+    output_dir = Path(opts.output_dir).resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"BIDS directory not found: {bids_dir}", EXIT_NO_INPUT)
+    if _is_within(output_dir, bids_dir):
+        raise UsageError(f"output directory {output_dir} is inside the BIDS dataset {bids_dir}; "
+                         "nothing may be written into the input dataset", EXIT_USAGE)
+    work_dir = Path(opts.work_dir).resolve() if opts.work_dir else (
+        Path(tempfile.gettempdir()) / "brainage-bids-work")
+    if _is_within(work_dir, bids_dir):
+        raise UsageError(f"work directory {work_dir} is inside the BIDS dataset {bids_dir}",
+                         EXIT_USAGE)
+    for d in (output_dir, work_dir):
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise UsageError(f"cannot create or write {d}: {exc}", EXIT_CANT_CREATE) from exc
+    return bids_dir, output_dir, work_dir
+
+
+def plugin_settings(opts) -> dict:
+    """Nipype plugin and its arguments from --plugin/--plugin-args/--nprocs."""
+    args: dict = {}
+    if opts.plugin_args:
+        text = opts.plugin_args
+        if os.path.isfile(text):
+            text = Path(text).read_text()
+            try:
+                args = json.loads(text)
+            except json.JSONDecodeError:
+                import yaml
+
+                args = yaml.safe_load(text) or {}
+        else:
+            try:
+                args = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"--plugin-args is neither JSON nor a file: {exc}") from exc
+        if not isinstance(args, dict):
+            raise UsageError("--plugin-args must be a JSON object")
+    if opts.plugin == "MultiProc":
+        args.setdefault("n_procs", opts.nprocs)
+        args.setdefault("raise_insufficient", False)
+    return {"plugin": opts.plugin, "plugin_args": args}
+
+
+def setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from nipype import config as ncfg
+    from nipype import logging as nlogging
+
+    ncfg.set("execution", "check_version", "false")
+    ncfg.set("execution", "remove_unnecessary_outputs", "true")
+    nlogging.getLogger("nipype.workflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    nlogging.getLogger("nipype.interface").setLevel(logging.WARNING)
+
+
+def resolve_model(opts) -> str:
+    path = Path(opts.model) if opts.model else DEFAULT_MODEL
+    if not path.exists():
+        hint = ("pass --model FILE" if opts.model else
+                "the package was installed without its default model; reinstall it or pass --model")
+        raise UsageError(f"model file not found: {path} ({hint})", EXIT_NO_INPUT)
+    return str(path.resolve())
+
+
+def crash_messages(log_dir: str) -> list[str]:
+    """The last error line of every crash file in a participant's log folder."""
+    messages = []
+    for f in sorted(glob.glob(os.path.join(log_dir, "crash-*"))):
+        try:
+            lines = [ln.strip() for ln in Path(f).read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            continue
+        errors = [ln for ln in lines if ln.startswith(("brainage_bids.", "InputImageError", "ValueError",
+                                                       "RuntimeError", "FileNotFoundError"))
+                  or "Error:" in ln]
+        messages.append(f"{errors[-1] if errors else lines[-1]} [{f}]")
+    return messages
+
+
+def run_participant(opts) -> int:
+    from ..utils.bids import collect_scans, load_filters, write_derivative_description
+    from ..utils.templates import get_template
+    from ..workflows.outputs import derivative_paths
+    from ..workflows.participant import crash_dir, init_brainage_wf
+    from ..interfaces.skullstrip import resolve_method
+
+    bids_dir, output_dir, work_dir = check_paths(opts)
+    scans = collect_scans(bids_dir, opts.participant_label, opts.session_label,
+                          load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation)
+    model_file = None if opts.preproc_only else resolve_model(opts)
+    for scan in scans:
+        if scan.age is None:
+            LOG.warning("%s: no age in sessions.tsv or participants.tsv; it is predicted and its "
+                        "brain_age_gap is n/a", scan.path)
+    template = get_template()
+    skull_strip = resolve_method(opts.skull_strip, opts.device)
+    run_id = datetime.now().strftime("%Y%m%d-%H%M%S_") + uuid.uuid4().hex[:8]
+    LOG.info("%d scan(s) of %d participant(s); skull strip: %s; template: %s; run %s", len(scans),
+             len({s.subject for s in scans}), skull_strip, template.source, run_id)
+    write_derivative_description(bids_dir, output_dir)
+    wf = init_brainage_wf(
+        scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
+        template=str(template.brain), template_mask=str(template.mask), model_file=model_file,
+        skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads)
+    try:
+        wf.run(**plugin_settings(opts))
+    except RuntimeError as exc:  # nipype raises once at the end when any node failed
+        LOG.debug("workflow reported failures: %s", exc)
+    failed = []
+    for scan in scans:
+        paths = derivative_paths(scan, str(output_dir))
+        expected = [paths["preproc"], paths["mask"]] + ([] if opts.preproc_only else [paths["brainage"]])
+        if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
+            failed.append(scan)
+    failed_subjects = sorted({s.participant_id for s in failed})
+    for pid in failed_subjects:
+        msgs = crash_messages(crash_dir(str(output_dir), pid, run_id)) or ["no crash file written"]
+        for m in msgs:
+            LOG.error("%s failed: %s", pid, m)
+    n_ok = len({s.participant_id for s in scans}) - len(failed_subjects)
+    print(f"brainage-bids participant: {n_ok} participant(s) completed, "
+          f"{len(failed_subjects)} failed" + (f" ({', '.join(failed_subjects)})" if failed else ""),
+          file=sys.stderr)
+    return EXIT_PARTICIPANT_FAILED if failed else EXIT_OK
+
+
+def _stale(paths: list[str], run_id: str) -> bool:
+    """True when an output predates this run (left over from an earlier one)."""
+    started = datetime.strptime(run_id[:15], "%Y%m%d-%H%M%S").timestamp()
+    return any(os.path.getmtime(p) < started - 1 for p in paths)
+
+
+def run_group(opts) -> int:
+    from ..stats.collect import collect_brainage
+
+    _, output_dir, _ = check_paths(opts)
+    out = collect_brainage(output_dir)
+    print(f"brainage-bids group: wrote {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def run_train(opts) -> int:
+    from ..models.train import train_from_bids
+
+    bids_dir, output_dir, work_dir = check_paths(opts)
+    card = train_from_bids(bids_dir, output_dir, work_dir, opts, command=" ".join(sys.argv))
+    print(f"brainage-bids train: wrote {card['weights']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    from ..utils.bids import BIDSInputError
+
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    setup_logging(opts.verbose)
+    runner = {"participant": run_participant, "group": run_group, "train": run_train}
+    try:
+        return runner[opts.analysis_level](opts)
+    except (UsageError, BIDSInputError) as exc:
+        LOG.error("%s", exc)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Collect participant-level tables into the group table."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..interfaces.predict import COLUMNS
+from ..utils.images import atomic_write_text
+
+
+def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
+    """Every ``*_desc-brainage_*.tsv`` under ``output_dir/sub-*``, in one frame (contract columns)."""
+    output_dir = Path(output_dir)
+    files = sorted(output_dir.glob("sub-*/**/anat/*_desc-brainage_*.tsv"))
+    if not files:
+        raise FileNotFoundError(f"no participant-level brain-age tables under {output_dir}; "
+                                "run the participant level first")
+    frames = [pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=False,
+                          dtype={"participant_id": str, "session_id": str}) for f in files]
+    df = pd.concat(frames, ignore_index=True)
+    missing = [c for c in COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"participant tables lack columns {missing}")
+    return df
+
+
+def collect_brainage(output_dir: str | Path) -> Path:
+    """Write ``group/brainage.tsv`` with every participant-level row; return its path."""
+    from ..cli.parser import EXIT_NO_INPUT, UsageError
+
+    try:
+        df = read_brainage_tables(output_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc), EXIT_NO_INPUT) from exc
+    out = Path(output_dir) / "group" / "brainage.tsv"
+    atomic_write_text(out, df.to_csv(sep="\t", index=False, na_rep="n/a"))
+    return out

@@ -1,0 +1,59 @@
+"""Derivative paths and sinks: every file the participant level writes is named here."""
+from __future__ import annotations
+
+import os
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.bids import DerivativesSink
+from ..utils.bids import Scan
+from ..utils.templates import TEMPLATE
+
+
+def derivative_paths(scan: Scan, output_dir: str) -> dict:
+    """Absolute output paths of one scan (DESIGN.md output contract)."""
+    base = os.path.join(os.path.abspath(output_dir), scan.anat_dir, scan.prefix)
+    return {
+        "preproc": f"{base}_space-{TEMPLATE}_desc-preproc_{scan.suffix}.nii.gz",
+        "mask": f"{base}_space-{TEMPLATE}_desc-brain_mask.nii.gz",
+        "brainage": f"{base}_desc-brainage_{scan.suffix}.tsv",
+    }
+
+
+def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
+                       name: str = "ds_preproc_wf"):
+    """Write the MNI-space image and brain mask with their sidecars.
+
+    Inputs: ``preproc``, ``mask``, ``registration_report``.
+    """
+    paths = derivative_paths(scan, output_dir)
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "registration_report"]),
+                        name="inputnode")
+    common = {"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"]}
+    ds_preproc = pe.Node(DerivativesSink(
+        out_path=paths["preproc"],
+        metadata={**common, "SkullStripped": True, "SkullStripping": skull_strip,
+                  "BiasCorrection": "N4 (antspyx) inside the brain mask",
+                  "Registration": "affine (antspyx AffineFast) to the 1 mm brain template",
+                  "IntensityNormalisation": "divided by the mean inside the brain mask"}),
+        name="ds_preproc", run_without_submitting=True, overwrite=True)
+    ds_mask = pe.Node(DerivativesSink(out_path=paths["mask"], metadata={**common, "Type": "Brain"}),
+                      name="ds_mask", run_without_submitting=True, overwrite=True)
+    wf.connect([
+        (inputnode, ds_preproc, [("preproc", "in_file"), ("registration_report", "sidecar_file")]),
+        (inputnode, ds_mask, [("mask", "in_file")]),
+    ])
+    return wf
+
+
+def init_ds_brainage_wf(*, scan: Scan, output_dir: str, name: str = "ds_brainage_wf"):
+    """Write the brain-age table and its sidecar. Inputs: ``out_tsv``, ``out_json``."""
+    paths = derivative_paths(scan, output_dir)
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json"]), name="inputnode")
+    ds_brainage = pe.Node(DerivativesSink(out_path=paths["brainage"]), name="ds_brainage",
+                          run_without_submitting=True, overwrite=True)
+    wf.connect([(inputnode, ds_brainage, [("out_tsv", "in_file"), ("out_json", "sidecar_file")])])
+    return wf

@@ -1,0 +1,82 @@
+"""The participant level: one sub-workflow per participant, one branch per scan."""
+from __future__ import annotations
+
+import os
+import re
+from copy import deepcopy
+
+from nipype.pipeline import engine as pe
+
+from ..utils.bids import Scan
+from .outputs import init_ds_brainage_wf, init_ds_preproc_wf
+from .predict import init_predict_wf
+from .preproc import init_preproc_wf
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", text)
+
+
+def crash_dir(output_dir: str, participant_id: str, run_id: str) -> str:
+    return os.path.join(os.path.abspath(output_dir), participant_id, "log", run_id)
+
+
+def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
+                 model_file: str | None, skull_strip: str, device: str, omp_nthreads: int,
+                 name: str | None = None):
+    """Preprocess one scan, write its MNI outputs and, when a model is given, predict and write
+    its brain-age table."""
+    wf = pe.Workflow(name=name or f"scan_{_safe(scan.prefix)}_{scan.suffix}")
+    preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
+                                 skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
+                                 source_file=scan.path)
+    preproc_wf.inputs.inputnode.in_file = scan.path
+    ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip)
+    wf.connect([(preproc_wf, ds_preproc_wf, [
+        ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
+        ("outputnode.registration_report", "inputnode.registration_report")])])
+    if model_file:
+        predict_wf = init_predict_wf(
+            model_file=model_file, participant_id=scan.participant_id, session_id=scan.session_id,
+            source_file=scan.relpath, suffix=scan.suffix, age=scan.age, device=device,
+            omp_nthreads=omp_nthreads)
+        ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir)
+        wf.connect([
+            (preproc_wf, predict_wf, [
+                ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
+                ("outputnode.registration_correlation", "inputnode.registration_correlation"),
+                ("outputnode.mask_volume_ml", "inputnode.mask_volume_ml")]),
+            (predict_wf, ds_brainage_wf, [("outputnode.out_tsv", "inputnode.out_tsv"),
+                                          ("outputnode.out_json", "inputnode.out_json")]),
+        ])
+    return wf
+
+
+def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir: str, run_id: str,
+                           name: str | None = None, **scan_kwargs):
+    """All scans of one participant; crash files go to ``sub-<l>/log/<run_id>/``."""
+    wf = pe.Workflow(name=name or f"single_subject_{_safe(participant_id[4:])}_wf")
+    for scan in scans:
+        wf.add_nodes([init_scan_wf(scan=scan, output_dir=output_dir, **scan_kwargs)])
+    wf.config["execution"]["crashdump_dir"] = crash_dir(output_dir, participant_id, run_id)
+    wf.config["execution"]["crashfile_format"] = "txt"
+    for node in wf._get_all_nodes():
+        node.config = deepcopy(wf.config)
+    return wf
+
+
+def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_id: str,
+                     template: str, template_mask: str, model_file: str | None,
+                     skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
+                     name: str = "brainage_wf"):
+    """The participant level over all selected scans, one sub-workflow per participant."""
+    wf = pe.Workflow(name=name, base_dir=work_dir)
+    by_subject: dict[str, list[Scan]] = {}
+    for scan in scans:
+        by_subject.setdefault(scan.participant_id, []).append(scan)
+    for participant_id, subject_scans in sorted(by_subject.items()):
+        wf.add_nodes([init_single_subject_wf(
+            participant_id=participant_id, scans=subject_scans, output_dir=output_dir, run_id=run_id,
+            template=template, template_mask=template_mask, model_file=model_file,
+            skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads)])
+    return wf

@@ -1,0 +1,52 @@
+"""Structural preprocessing: validate/reorient -> skull strip -> N4 in mask -> affine to MNI."""
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces.ants import N4InMask, RegisterToTemplate
+from ..interfaces.bids import ValidateImage
+from ..interfaces.skullstrip import SkullStrip
+
+
+def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "deepbet",
+                    device: str = "cpu", omp_nthreads: int = 1, source_file: str = "",
+                    name: str = "preproc_wf"):
+    """Bring one structural image to MNI152NLin2009aSym (1 mm), brain only, mean 1 in the mask.
+
+    Parameters
+    ----------
+    template, template_mask : the 1 mm brain template and its mask (see utils.templates).
+    skull_strip : ``deepbet``, ``hd-bet`` or ``none`` (input already brain-extracted).
+    device : device for deep-learning skull stripping.
+    omp_nthreads : threads for ITK and PyTorch within one node.
+    source_file : the BIDS input, named in error messages.
+
+    Inputs: ``in_file``. Outputs: ``preproc`` (MNI image), ``mask`` (MNI brain mask),
+    ``transform`` (native-to-MNI affine), ``registration_correlation``, ``mask_volume_ml``.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["preproc", "mask", "transform", "registration_correlation", "mask_volume_ml",
+                "registration_report"]), name="outputnode")
+    validate = pe.Node(ValidateImage(), name="validate")
+    strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file),
+                    name="skull_strip", n_procs=omp_nthreads)
+    n4 = pe.Node(N4InMask(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads)
+    register = pe.Node(RegisterToTemplate(template=template, template_mask=template_mask,
+                                          num_threads=omp_nthreads),
+                       name="register", n_procs=omp_nthreads)
+    wf.connect([
+        (inputnode, validate, [("in_file", "in_file")]),
+        (validate, strip, [("out_file", "in_file")]),
+        (strip, n4, [("out_file", "in_file"), ("out_mask", "mask_file")]),
+        (n4, register, [("out_file", "in_file")]),
+        (strip, register, [("out_mask", "mask_file")]),
+        (strip, outputnode, [("mask_volume_ml", "mask_volume_ml")]),
+        (register, outputnode, [("out_file", "preproc"), ("out_mask", "mask"),
+                                ("out_transform", "transform"),
+                                ("registration_correlation", "registration_correlation"),
+                                ("out_report", "registration_report")]),
+    ])
+    return wf
