@@ -84,6 +84,12 @@ def plugin_settings(opts) -> dict:
     return {"plugin": opts.plugin, "plugin_args": args}
 
 
+def local_poll_seconds(plugin: str) -> str:
+    """Scheduler poll interval: short for local plugins (nipype's 2 s default would idle the CPUs
+    between the many short nodes), nipype's default for cluster schedulers."""
+    return "0.05" if plugin in ("MultiProc", "Linear") else "2"
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
@@ -93,8 +99,10 @@ def setup_logging(verbose: int) -> None:
 
     ncfg.set("execution", "check_version", "false")
     ncfg.set("execution", "remove_unnecessary_outputs", "true")
-    nlogging.getLogger("nipype.workflow").setLevel(logging.INFO if verbose else logging.WARNING)
-    nlogging.getLogger("nipype.interface").setLevel(logging.WARNING)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        nlog = nlogging.getLogger(name)
+        nlog.propagate = False  # nipype has its own handler; avoid printing every line twice
+        nlog.setLevel(logging.INFO if verbose and name == "nipype.workflow" else logging.WARNING)
 
 
 def resolve_model(opts) -> str:
@@ -128,6 +136,7 @@ def run_participant(opts) -> int:
     from ..workflows.participant import crash_dir, init_brainage_wf
     from ..interfaces.skullstrip import resolve_method
 
+    plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
     bids_dir, output_dir, work_dir = check_paths(opts)
     scans = collect_scans(bids_dir, opts.participant_label, opts.session_label,
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation)
@@ -146,8 +155,11 @@ def run_participant(opts) -> int:
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
         template=str(template.brain), template_mask=str(template.mask), model_file=model_file,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads)
+    from nipype import config as ncfg
+
+    ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
     try:
-        wf.run(**plugin_settings(opts))
+        wf.run(**plugin)
     except RuntimeError as exc:  # nipype raises once at the end when any node failed
         LOG.debug("workflow reported failures: %s", exc)
     failed = []

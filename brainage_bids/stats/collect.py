@@ -16,8 +16,12 @@ def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
     if not files:
         raise FileNotFoundError(f"no participant-level brain-age tables under {output_dir}; "
                                 "run the participant level first")
-    frames = [pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=False,
-                          dtype={"participant_id": str, "session_id": str}) for f in files]
+    # Text columns stay text (pandas would turn the "true"/"false" levels of lesion_filled into
+    # booleans and write them back as True/False).
+    text = {c: str for c in ("participant_id", "session_id", "source_file", "suffix", "model",
+                             "lesion_filled", "qc_flags")}
+    frames = [pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=text)
+              for f in files]
     df = pd.concat(frames, ignore_index=True)
     missing = [c for c in COLUMNS if c not in df]
     if missing:

@@ -172,6 +172,14 @@ def load_filters(path: str | None) -> dict:
     return filters
 
 
+def _narrow(labels: list[str], allowed) -> list[str]:
+    """``labels`` restricted to ``allowed`` (a filter-file value: label, list of labels or None)."""
+    if allowed is None:
+        return list(labels)
+    allowed = {str(a) for a in (allowed if isinstance(allowed, (list, tuple)) else [allowed])}
+    return [lab for lab in labels if lab in allowed]
+
+
 def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_labels=None,
                   filters: dict | None = None, validate: bool = True) -> list[Scan]:
     """Index every T1w image matching the filters with PyBIDS.
@@ -197,10 +205,13 @@ def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_
             raise BIDSInputError(f"participant(s) not found in {bids_dir}: {', '.join(missing)}", 66)
         subjects = wanted
     query = dict((filters or DEFAULT_FILTERS)["t1w"])
-    query["subject"] = subjects
+    # A subject or session in the filter file narrows the command-line selection, not replaces it.
+    query["subject"] = _narrow(subjects, query.get("subject"))
     if session_labels:
-        query["session"] = [s[4:] if s.startswith("ses-") else s for s in session_labels]
-    files = layout.get(return_type="object", **query)
+        query["session"] = _narrow([s[4:] if s.startswith("ses-") else s for s in session_labels],
+                                   query.get("session"))
+    emptied = [k for k in ("subject", "session") if isinstance(query.get(k), list) and not query[k]]
+    files = [] if emptied else layout.get(return_type="object", **query)
     if not files:
         raise BIDSInputError(f"no T1w image matches the filters {query} in {bids_dir}", 18)
     participants = read_participants(bids_dir)

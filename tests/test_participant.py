@@ -1,0 +1,202 @@
+"""One real run of the participant level (and the group level after it).
+
+The dataset mixes two usable scans (real IXI scans from ../shared/data when present, else
+template-derived ones) with a corrupt file and a 4D series, so the run must finish the good
+participants, leave crash files for the bad ones and exit 1. The model is a small random SFCN: the
+predicted ages are meaningless, their presence, form and provenance are what is checked.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage_bids import __version__
+from brainage_bids.cli.run import main
+from brainage_bids.interfaces.predict import COLUMNS
+from brainage_bids.models.checkpoint import sha256sum
+from brainage_bids.utils.templates import TEMPLATE
+
+from conftest import SHARED, listing, make_bids, template_image
+
+DESIGN_COLUMNS = ["participant_id", "session_id", "source_file", "suffix", "model",
+                  "chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap",
+                  "lesion_filled", "qc_flags"]
+YEAR_COLUMNS = ["chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap"]
+GOOD = ("good", "noage")
+BAD = ("corrupt", "fourd")
+
+
+def _ixi_scans():
+    """Two IXI scans and the age of the first, or None when ../shared/data is absent."""
+    ixi = SHARED / "ixi-t1-2mm"
+    if not ixi.is_dir():
+        return None
+    with open(ixi / "participants.tsv", newline="") as fh:
+        ages = {r["participant_id"]: r["age"] for r in csv.DictReader(fh, delimiter="\t")}
+    found = [(pid, ixi / pid / "anat" / f"{pid}_T1w.nii.gz") for pid in sorted(ages)]
+    found = [(pid, p) for pid, p in found if p.exists()]
+    with_age = [(pid, p) for pid, p in found if ages[pid] not in ("n/a", "")]
+    if len(with_age) < 2:
+        return None
+    (pid1, p1), (_, p2) = with_age[0], with_age[1]
+    return p1, p2, float(ages[pid1])
+
+
+def _anat(bids: Path, label: str) -> Path:
+    return bids / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, random_model):
+    root = tmp_path_factory.mktemp("participant")
+    bids, out, work = root / "bids", root / "out", root / "work"
+    ixi = _ixi_scans()
+    good_age = ixi[2] if ixi else 42.0
+    make_bids(bids, {"good": {"age": good_age, "sex": "M"}, "noage": {"age": None, "sex": "F"},
+                     "corrupt": {"age": 40.0, "sex": "F"}, "fourd": {"age": 50.0, "sex": "M"}})
+    if ixi:
+        shutil.copyfile(ixi[0], _anat(bids, "good"))
+        shutil.copyfile(ixi[1], _anat(bids, "noage"))
+    _anat(bids, "corrupt").write_bytes(np.random.default_rng(0).bytes(64 * 1024))
+    tpl = template_image(2)
+    four = np.stack([tpl.get_fdata(dtype=np.float32)] * 3, axis=-1)
+    nib.save(nib.Nifti1Image(four, tpl.affine), str(_anat(bids, "fourd")))
+    before = listing(bids)
+    code = main([str(bids), str(out), "participant", "--model", str(random_model),
+                 "--nprocs", "2", "--omp-nthreads", "1", "--skull-strip", "deepbet",
+                 "-w", str(work)])
+    after = listing(bids)
+    return SimpleNamespace(bids=bids.resolve(), out=out, work=work, code=code, before=before,
+                           after=after, good_age=good_age, model=random_model, real=bool(ixi))
+
+
+def _brainage(run, label):
+    anat = run.out / f"sub-{label}" / "anat"
+    return anat / f"sub-{label}_desc-brainage_T1w.tsv", anat / f"sub-{label}_desc-brainage_T1w.json"
+
+
+def test_exit_code_is_partial_failure(run):
+    assert run.code == 1
+
+
+def test_bids_dir_untouched(run):
+    assert run.after == run.before
+
+
+def test_contract_files(run):
+    desc = json.loads((run.out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    assert desc["GeneratedBy"][0] == {**desc["GeneratedBy"][0], "Name": "brainage-bids",
+                                      "Version": __version__}
+    for label in GOOD:
+        anat = run.out / f"sub-{label}" / "anat"
+        preproc = anat / f"sub-{label}_space-{TEMPLATE}_desc-preproc_T1w.nii.gz"
+        mask = anat / f"sub-{label}_space-{TEMPLATE}_desc-brain_mask.nii.gz"
+        tsv, js = _brainage(run, label)
+        for f in (preproc, mask, tsv, js, preproc.with_name(preproc.name.replace(".nii.gz", ".json"))):
+            assert f.exists(), f
+        img, m = nib.load(str(preproc)), nib.load(str(mask))
+        assert img.shape == m.shape
+        np.testing.assert_allclose(img.affine, m.affine)
+        assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+        assert np.allclose(img.header.get_zooms()[:3], 1.0)
+        data, inside = img.get_fdata(), np.asarray(m.dataobj) > 0
+        assert 900 < inside.sum() / 1000 < 2500  # a brain-sized mask, in mL
+        assert data[inside].mean() == pytest.approx(1.0, abs=1e-3)  # mean 1 inside the mask
+        assert np.all(data[~inside] == 0)
+        sidecar = json.loads(preproc.with_name(preproc.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["SkullStripping"] == "deepbet"
+        assert -1 <= sidecar["RegistrationCorrelation"] <= 1
+    for label in BAD:
+        assert not (run.out / f"sub-{label}" / "anat").exists()
+    # nothing half-written: no temporary files anywhere in the outputs
+    assert not [p for p in run.out.rglob("*.tmp")]
+
+
+def test_brainage_tables(run):
+    for label in GOOD:
+        tsv, js = _brainage(run, label)
+        with open(tsv, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+            header = rows[0].keys() if rows else []
+        assert list(header) == DESIGN_COLUMNS == list(COLUMNS)
+        assert len(rows) == 1
+        row = rows[0]
+        assert row["participant_id"] == f"sub-{label}"
+        assert row["session_id"] == "n/a"
+        assert row["source_file"] == f"sub-{label}/anat/sub-{label}_T1w.nii.gz"
+        assert row["suffix"] == "T1w"
+        assert row["model"] == "random-sfcn"
+        assert row["lesion_filled"] == "false"
+        predicted, sd = float(row["predicted_age"]), float(row["predicted_age_sd"])
+        assert 6 <= predicted <= 90 and sd > 0
+        if label == "good":
+            assert float(row["chronological_age"]) == pytest.approx(run.good_age)
+            assert float(row["brain_age_gap"]) == pytest.approx(predicted - run.good_age, abs=1e-3)
+        else:
+            assert row["chronological_age"] == "n/a"
+            assert row["brain_age_gap"] == "n/a"
+            assert math.isfinite(predicted)
+        flags = [] if row["qc_flags"] == "n/a" else row["qc_flags"].split(";")
+        assert set(flags) <= {"low_registration", "age_outside_training_range"}
+        assert ("age_outside_training_range" in flags) == (
+            label == "good" and not 20 <= run.good_age <= 80)
+
+
+def test_brainage_sidecars(run):
+    sha = sha256sum(run.model)
+    for label in GOOD:
+        _, js = _brainage(run, label)
+        meta = json.loads(js.read_text())
+        for col in DESIGN_COLUMNS:
+            assert col in meta and meta[col].get("Description"), col
+        for col in YEAR_COLUMNS:
+            assert meta[col]["Units"] == "year", col
+        assert meta["Model"]["Name"] == "random-sfcn"
+        assert meta["Model"]["SHA256"] == sha
+        assert meta["SoftwareVersion"] == __version__
+
+
+def test_failed_participants_have_crash_files(run):
+    for label in BAD:
+        logs = sorted((run.out / f"sub-{label}" / "log").rglob("crash-*"))
+        assert logs, f"no crash file for sub-{label}"
+        text = "\n".join(p.read_text(errors="replace") for p in logs)
+        assert str(_anat(run.bids, label)) in text
+    four = "\n".join(p.read_text() for p in (run.out / "sub-fourd" / "log").rglob("crash-*"))
+    assert "3 volumes" in four
+    for label in GOOD:
+        assert not list((run.out / f"sub-{label}").rglob("crash-*"))
+
+
+def test_group_level(run):
+    code = main([str(run.bids), str(run.out), "group", "-w", str(run.work)])
+    assert code == 0
+    group = pd.read_csv(run.out / "group" / "brainage.tsv", sep="\t", na_values=["n/a"],
+                        keep_default_na=False)
+    assert list(group.columns[:len(DESIGN_COLUMNS)]) == DESIGN_COLUMNS
+    assert sorted(group["participant_id"]) == [f"sub-{label}" for label in sorted(GOOD)]
+    # the participant-level values come through unchanged, as text too (n/a, true/false levels)
+    with open(run.out / "group" / "brainage.tsv", newline="") as fh:
+        group_rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    for label in GOOD:
+        tsv, _ = _brainage(run, label)
+        with open(tsv, newline="") as fh:
+            (single,) = list(csv.DictReader(fh, delimiter="\t"))
+        grow = group_rows[f"sub-{label}"]
+        for col in DESIGN_COLUMNS:
+            if col in ("chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap") \
+                    and single[col] != "n/a":
+                assert float(grow[col]) == pytest.approx(float(single[col])), col
+            else:
+                assert grow[col] == single[col], col
+    assert run.after == listing(run.bids)

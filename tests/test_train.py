@@ -1,0 +1,148 @@
+"""The train level on synthetic participant-level outputs: selection, splits, card, resumption."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainage_bids.cli.run import main
+from brainage_bids.models import train as train_mod
+from brainage_bids.models.checkpoint import load_model
+from brainage_bids.models.train import augment, metrics, stratified_split
+from brainage_bids.utils.templates import TEMPLATE, get_template
+
+N_HC = 14
+
+
+@pytest.fixture(scope="module")
+def trained_inputs(tmp_path_factory):
+    """A BIDS dataset of 14 HC and 2 MS participants plus their MNI-space outputs.
+
+    The images are the template with a brightness that grows with age, so a network can learn it.
+    """
+    root = tmp_path_factory.mktemp("train")
+    bids, out = root / "bids", root / "out"
+    tpl = get_template()
+    brain = nib.load(str(tpl.brain))
+    mask = nib.load(str(tpl.mask))
+    data = brain.get_fdata(dtype=np.float32)
+    rows = ["participant_id\tage\tsex\tdiagnosis"]
+    rng = np.random.default_rng(1)
+    (bids).mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "synthetic", "BIDSVersion": "1.9.0"}))
+    for i in range(N_HC + 2):
+        sub = f"s{i:02d}"
+        age = 20.0 + 4 * i
+        diag = "HC" if i < N_HC else "MS"
+        rows.append(f"sub-{sub}\t{age}\tF\t{diag}")
+        anat = bids / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        raw = nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4))
+        nib.save(raw, anat / f"sub-{sub}_T1w.nii.gz")
+        dst = out / f"sub-{sub}" / "anat"
+        dst.mkdir(parents=True)
+        img = data * (1 + age / 50.0) + rng.normal(0, 1, data.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, img, 0).astype(np.float32), brain.affine),
+                 dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_T1w.nii.gz")
+        nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-brain_mask.nii.gz")
+    (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return bids, out, root / "work"
+
+
+ARGS = ["--channels", "2", "4", "4", "8", "8", "4", "--voxel-size", "4", "--batch-size", "4",
+        "--nprocs", "1", "--omp-nthreads", "1", "--test-fraction", "0.2", "--val-fraction", "0.34"]
+
+
+def test_train_writes_weights_and_card(trained_inputs):
+    bids, out, work = trained_inputs
+    rc = main([str(bids), str(out), "train", "--model-name", "tiny", "--epochs", "2",
+               "-w", str(work), *ARGS])
+    assert rc == 0
+    folder = out / "models" / "tiny"
+    card = json.loads((folder / "tiny_card.json").read_text())
+    splits = card["split_participants"]
+    used = set(splits["train"]) | set(splits["validation"]) | set(splits["test"])
+    # healthy controls only, each in exactly one split
+    assert used == {f"sub-s{i:02d}" for i in range(N_HC)}
+    assert sum(card["splits"].values()) == N_HC
+    assert not set(splits["train"]) & set(splits["test"])
+    assert card["splits"]["validation"] >= 3 and card["splits"]["test"] >= 3
+    for key in ("mae", "r2"):
+        assert np.isfinite(card["test"][key]) and np.isfinite(card["validation"][key])
+    preds = card["test"]["predictions"]
+    assert len(preds) == card["splits"]["test"]
+    recomputed = metrics([p["age"] for p in preds], [p["predicted_age"] for p in preds])
+    assert recomputed["mae"] == pytest.approx(card["test"]["mae"])
+    md = (folder / "tiny_card.md").read_text()
+    assert "test (held out" in md and f"{card['test']['mae']:.2f}" in md
+    model = load_model(folder / "tiny.pt")
+    assert model.sha256 == card["sha256"]
+    assert model.input.shape == (40, 48, 40)
+    assert model.card["age_range"] == card["age_range"]
+
+
+def test_train_resumes_after_interruption(trained_inputs, monkeypatch):
+    bids, out, work = trained_inputs
+    cmd = [str(bids), str(out), "train", "--model-name", "resume", "--epochs", "3", "-w", str(work),
+           *ARGS]
+    real_loss = train_mod.soft_label_loss
+    calls = {"n": 0}
+    n_batches = None
+
+    def interrupting_loss(*a, **k):
+        """Interrupt at the first batch of the second epoch."""
+        calls["n"] += 1
+        if calls["n"] == n_batches + 1:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    card_probe = main([str(bids), str(out), "train", "--model-name", "probe", "--epochs", "1",
+                       "-w", str(work), *ARGS])
+    assert card_probe == 0
+    probe = json.loads((out / "models" / "probe" / "probe_card.json").read_text())
+    n_batches = -(-probe["splits"]["train"] // 4)
+    monkeypatch.setattr(train_mod, "soft_label_loss", interrupting_loss)
+    with pytest.raises(KeyboardInterrupt):
+        main(cmd)
+    state = train_mod.torch.load(work / "train_resume" / "last.pt", weights_only=False)
+    assert state["epoch"] == 0  # first epoch completed and checkpointed
+    first_epoch = state["history"][0]
+    monkeypatch.setattr(train_mod, "soft_label_loss", real_loss)
+    calls["n"] = 0
+    assert main(cmd) == 0
+    card = json.loads((out / "models" / "resume" / "resume_card.json").read_text())
+    assert [h["epoch"] for h in card["history"]] == [0, 1, 2]
+    assert card["history"][0] == first_epoch
+
+
+def test_stratified_split_is_deterministic_and_spans_ages():
+    ids = [f"p{i}" for i in range(50)]
+    ages = list(np.linspace(20, 80, 50))
+    a, rest = stratified_split(ids, ages, 0.2, seed=3)
+    b, _ = stratified_split(ids, ages, 0.2, seed=3)
+    assert a == b and len(a) == 10 and not set(a) & set(rest)
+    picked_ages = sorted(ages[ids.index(p)] for p in a)
+    assert picked_ages[0] < 30 and picked_ages[-1] > 70
+
+
+def test_augment_shifts_and_flips_preserve_content():
+    rng = np.random.default_rng(0)
+    import torch
+
+    x = torch.zeros(4, 1, 10, 10, 10)
+    x[:, :, 4:6, 4:6, 4:6] = 1.0
+    y = augment(x, rng, max_shift=2)
+    assert y.shape == x.shape
+    assert torch.all(y.sum(dim=(1, 2, 3, 4)) == 8)  # the cube stays whole inside the volume
+
+
+def test_metrics_against_numpy():
+    y = np.array([20.0, 30.0, 40.0, 50.0])
+    p = np.array([22.0, 29.0, 43.0, 48.0])
+    m = metrics(y, p)
+    assert m["mae"] == pytest.approx(2.0)
+    assert m["r2"] == pytest.approx(1 - (4 + 1 + 9 + 4) / 500)
+    assert m["pearson_r"] == pytest.approx(np.corrcoef(y, p)[0, 1])
