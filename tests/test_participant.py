@@ -200,3 +200,46 @@ def test_group_level(run):
             else:
                 assert grow[col] == single[col], col
     assert run.after == listing(run.bids)
+
+
+def test_example_dataset(tmp_path, random_model):
+    """scripts/make_example_dataset.py builds a valid dataset that runs end to end (exit 0)."""
+    import subprocess
+    import sys
+
+    from brainage_bids.utils.templates import get_template
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_example_dataset.py"
+    bids, out = tmp_path / "example", tmp_path / "out"
+    done = subprocess.run([sys.executable, str(script), str(bids)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert (bids / "README").exists()
+    with open(bids / "participants.tsv", newline="") as fh:
+        (participant,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert participant["participant_id"] == "sub-01" and float(participant["age"]) == 30
+    src = nib.load(str(bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"))
+    assert np.allclose(src.header.get_zooms()[:3], 1.0)
+    assert not np.allclose(src.affine[:3, :3], np.diag(np.diag(src.affine[:3, :3])))  # rotated
+    # a second call refuses to overwrite
+    again = subprocess.run([sys.executable, str(script), str(bids)], capture_output=True, text=True)
+    assert again.returncode != 0
+
+    before = listing(bids)
+    code = main([str(bids), str(out), "participant", "--skull-strip", "none", "--model",
+                 str(random_model), "--nprocs", "2", "--omp-nthreads", "1", "-w", str(tmp_path / "w")])
+    assert code == 0
+    assert listing(bids) == before
+    anat = out / "sub-01" / "anat"
+    with open(anat / "sub-01_desc-brainage_T1w.tsv", newline="") as fh:
+        (row,) = list(csv.DictReader(fh, delimiter="\t"))
+    assert float(row["chronological_age"]) == 30
+    assert float(row["brain_age_gap"]) == pytest.approx(float(row["predicted_age"]) - 30, abs=1e-3)
+    # the moved template is registered back onto itself
+    sidecar = json.loads((anat / f"sub-01_space-{TEMPLATE}_desc-preproc_T1w.json").read_text())
+    assert sidecar["RegistrationCorrelation"] > 0.9
+    tpl_mask = np.asarray(nib.load(str(get_template().mask)).dataobj) > 0
+    mask = np.asarray(nib.load(str(anat / f"sub-01_space-{TEMPLATE}_desc-brain_mask.nii.gz"))
+                      .dataobj) > 0
+    assert mask.shape == tpl_mask.shape
+    dice = 2 * (mask & tpl_mask).sum() / (mask.sum() + tpl_mask.sum())
+    assert dice > 0.95

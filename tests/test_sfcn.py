@@ -220,14 +220,26 @@ def test_own_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(model.network(x), net(x), rtol=0, atol=0)
 
 
+def _world_box(affine, shape):
+    """Voxel-edge bounding box (min, max) of a grid in world mm."""
+    a = np.asarray(affine, dtype=float)
+    corners = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1)
+                        for k in (0, shape[2] - 1)])
+    world = (a @ corners.T).T[:, :3]
+    half = np.abs(a[:3, :3]).sum(1) / 2
+    return world.min(0) - half, world.max(0) + half
+
+
 def test_mni_box_grid_covers_ukb_field_of_view():
+    ukb_lo, ukb_hi = _world_box(UKB_INPUT.affine, UKB_INPUT.shape)
     for v in (1.0, 2.0, 4.0):
         affine, shape = mni_box_grid(v)
-        a = np.asarray(affine)
-        first = a @ np.array([0, 0, 0, 1.0])
-        last = a @ np.array([*(np.array(shape) - 1), 1.0])
-        np.testing.assert_allclose(first[:3] - v / 2, [-80, -113, -61])
-        np.testing.assert_allclose(last[:3] + v / 2, [80, 79, 99])
+        lo, hi = _world_box(affine, shape)
+        np.testing.assert_allclose(lo, ukb_lo)
+        np.testing.assert_allclose(hi, ukb_hi)
+    # at 1 mm the voxel centres sit on integer mm, as on the template grid
+    affine, _ = mni_box_grid(1.0)
+    np.testing.assert_allclose(np.asarray(affine)[:3, 3] % 1, 0)
 
 
 def test_ukb_input_is_cropped_fsl_grid():

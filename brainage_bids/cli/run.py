@@ -90,6 +90,21 @@ def local_poll_seconds(plugin: str) -> str:
     return "0.05" if plugin in ("MultiProc", "Linear") else "2"
 
 
+class Progress:
+    """Nipype status callback: logs each finished or failed node with a running count."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def __call__(self, node, status):
+        if status == "end":
+            self.done += 1
+            LOG.info("[%d/%d] %s", self.done, self.total, node.fullname.replace("brainage_wf.", ""))
+        elif status == "exception":
+            self.done += 1
+            LOG.error("[%d/%d] FAILED %s", self.done, self.total, node.fullname)
+
+
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",

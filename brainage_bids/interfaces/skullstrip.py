@@ -84,9 +84,15 @@ def skull_strip(in_file: str, out_brain: str, out_mask: str, method: str = "deep
             out = os.path.join(tmp, "out.nii.gz")
             nib.save(img, src)
             dev = "cuda" if device in ("cuda", "auto") and cuda_available() else "cpu"
-            subprocess.run(["hd-bet", "-i", src, "-o", out, "-device", dev, "--save_bet_mask"],
-                           check=True, capture_output=True)
-            mask = np.asarray(nib.load(os.path.join(tmp, "out_bet.nii.gz")).dataobj) > 0
+            # HD-BET 2.x flags; its mask is <out>_bet.nii.gz (1.x wrote <out>_mask.nii.gz)
+            proc = subprocess.run(["hd-bet", "-i", src, "-o", out, "-device", dev, "--save_bet_mask"],
+                                  capture_output=True, text=True)
+            found = [f for f in (os.path.join(tmp, "out_bet.nii.gz"), os.path.join(tmp, "out_mask.nii.gz"))
+                     if os.path.exists(f)]
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(f"{source_file or in_file}: HD-BET failed (exit {proc.returncode}): "
+                                   f"{proc.stderr.strip()[-500:]}")
+            mask = np.asarray(nib.load(found[0]).dataobj) > 0
     else:
         raise ValueError(f"unknown skull-strip method {method!r}")
     mask = _largest_component(mask)

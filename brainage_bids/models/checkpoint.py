@@ -52,11 +52,15 @@ class InputSpec:
 
 
 def mni_box_grid(voxel_size: float) -> tuple[tuple, tuple]:
-    """RAS grid covering the UK Biobank SFCN field of view (x -79.5..79.5, y -112.5..78.5,
-    z -60.5..98.5 mm voxel edges) at ``voxel_size`` mm."""
+    """RAS grid covering the UK Biobank SFCN field of view at ``voxel_size`` mm.
+
+    Voxel edges span x -80.5..79.5, y -113.5..78.5, z -61.5..98.5 mm, the box of the FSL MNI152
+    1 mm grid cropped [11:-11, 13:-13, 11:-11]; at 1 mm the voxel centres fall on integer
+    coordinates, as on the template grid.
+    """
     v = float(voxel_size)
     shape = (int(round(160 / v)), int(round(192 / v)), int(round(160 / v)))
-    lo = np.array([-80.0, -113.0, -61.0]) + v / 2
+    lo = np.array([-80.5, -113.5, -61.5]) + v / 2
     affine = np.diag([v, v, v, 1.0])
     affine[:3, 3] = lo
     return tuple(tuple(r) for r in affine.tolist()), shape
