@@ -21,6 +21,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from brainage_bids.utils.images import rotation
+
 AGE = 30.0  # the ICBM152 2009 template averages young adults
 ROTATION_DEG = (4.0, -3.0, 6.0)  # about x, y, z (world axes, through the origin)
 SHIFT_MM = (6.0, -9.0, 12.0)
@@ -46,17 +48,6 @@ Template: Fonov et al., NeuroImage 2011 and 2009 (ICBM 2009a nonlinear symmetric
 McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University; distributed
 with nilearn under the terms given in nilearn's documentation.
 """
-
-
-def rotation(degrees_xyz) -> np.ndarray:
-    """4x4 rotation about x, then y, then z, in degrees."""
-    ax, ay, az = np.deg2rad(degrees_xyz)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    out = np.eye(4)
-    out[:3, :3] = rz @ ry @ rx
-    return out
 
 
 def moved_template() -> tuple[nib.Nifti1Image, str, str]:

@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brainage_bids.utils.images import rotation
+
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 REFERENCE = SHARED.parent / "reference"
 TESTS_DATA = Path(__file__).resolve().parent / "data"
@@ -33,17 +35,6 @@ def shared_dataset(name: str) -> Path:
 def shared_data():
     """Return :func:`shared_dataset` (skips when ../shared/data or the dataset is absent)."""
     return shared_dataset
-
-
-def rotation(degrees_xyz) -> np.ndarray:
-    """4x4 rotation about x, then y, then z (degrees)."""
-    ax, ay, az = np.deg2rad(degrees_xyz)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    out = np.eye(4)
-    out[:3, :3] = rz @ ry @ rx
-    return out
 
 
 def template_image(resolution: int = 2, degrees=(0.0, 0.0, 0.0), shift=(0.0, 0.0, 0.0),

@@ -157,7 +157,7 @@ def run_participant(opts) -> int:
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation)
     model_file = None if opts.preproc_only else resolve_model(opts)
     for scan in scans:
-        if scan.age is None:
+        if scan.age is None and model_file:
             LOG.warning("%s: no age in sessions.tsv or participants.tsv; it is predicted and its "
                         "brain_age_gap is n/a", scan.path)
     template = get_template()
@@ -214,7 +214,8 @@ def run_train(opts) -> int:
     from ..models.train import train_from_bids
 
     bids_dir, output_dir, work_dir = check_paths(opts)
-    card = train_from_bids(bids_dir, output_dir, work_dir, opts, command=" ".join(sys.argv))
+    card = train_from_bids(bids_dir, output_dir, work_dir, opts,
+                           command=" ".join(["brainage-bids", *opts.argv]))
     print(f"brainage-bids train: wrote {card['weights']}", file=sys.stderr)
     return EXIT_OK
 
@@ -227,6 +228,7 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return exc.exit_code
+    opts.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(opts.verbose)
     runner = {"participant": run_participant, "group": run_group, "train": run_train}
     try:

@@ -108,6 +108,17 @@ def resample_to_grid(
     ).astype(np.float32)
 
 
+def rotation(degrees_xyz) -> np.ndarray:
+    """4x4 rotation about x, then y, then z (degrees), for moving an image's affine."""
+    ax, ay, az = np.deg2rad(degrees_xyz)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rz @ ry @ rx
+    return out
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)

@@ -1,0 +1,47 @@
+"""The model shipped with the package: loadable, small, described by its card."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from brainage_bids.cli.parser import parse_args
+from brainage_bids.cli.run import DEFAULT_MODEL, resolve_model
+from brainage_bids.models.checkpoint import load_model, mni_box_grid
+from brainage_bids.models.train import metrics
+
+CARD = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "_card.json")
+
+
+def test_default_model_is_used_without_model_option(tmp_path):
+    opts = parse_args([str(tmp_path), str(tmp_path / "out"), "participant"])
+    assert resolve_model(opts) == str(DEFAULT_MODEL.resolve())
+
+
+def test_default_model_loads_and_matches_its_card():
+    assert DEFAULT_MODEL.stat().st_size < 15 * 1024 * 1024
+    model = load_model(DEFAULT_MODEL)
+    card = json.loads(CARD.read_text())
+    assert model.sha256 == card["sha256"]
+    assert model.name == card["name"]
+    affine, shape = mni_box_grid(card["input"]["voxel_size"])
+    assert model.input.shape == tuple(shape)
+    np.testing.assert_allclose(np.asarray(model.input.affine), np.asarray(affine))
+    assert model.centres[0] == pytest.approx(card["age_bins"][0] + 0.5)
+    assert model.centres[-1] == pytest.approx(card["age_bins"][1] - 0.5)
+
+
+def test_default_model_card_reports_held_out_test_metrics():
+    card = json.loads(CARD.read_text())
+    test = card["test"]
+    # the test participants are disjoint from those the model was fitted or selected on
+    split = card["split_participants"]
+    assert not set(split["test"]) & (set(split["train"]) | set(split["validation"]))
+    assert test["n"] == len(test["predictions"]) >= 20
+    recomputed = metrics([p["age"] for p in test["predictions"]],
+                         [p["predicted_age"] for p in test["predictions"]])
+    for key in ("mae", "r2", "pearson_r"):
+        assert recomputed[key] == pytest.approx(test[key])
+    md = CARD.with_suffix(".md").read_text()
+    assert f"{test['mae']:.2f}" in md and card["command"] in md
