@@ -103,7 +103,7 @@ def test_train_resumes_after_interruption(trained_inputs, monkeypatch):
                        "-w", str(work), *ARGS])
     assert card_probe == 0
     probe = json.loads((out / "models" / "probe" / "probe_card.json").read_text())
-    n_batches = -(-probe["splits"]["train"] // 4)
+    n_batches = probe["splits"]["train"] // 4  # incomplete batches are dropped
     monkeypatch.setattr(train_mod, "soft_label_loss", interrupting_loss)
     with pytest.raises(KeyboardInterrupt):
         main(cmd)
@@ -146,3 +146,21 @@ def test_metrics_against_numpy():
     assert m["mae"] == pytest.approx(2.0)
     assert m["r2"] == pytest.approx(1 - (4 + 1 + 9 + 4) / 500)
     assert m["pearson_r"] == pytest.approx(np.corrcoef(y, p)[0, 1])
+
+
+def test_recompute_batchnorm_gives_exact_population_statistics():
+    import torch
+
+    from brainage_bids.models.train import recompute_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.BatchNorm3d(1, momentum=0.5))
+    x = np.random.default_rng(0).normal(3.0, 2.0, size=(16, 1, 4, 4, 4)).astype(np.float32)
+    net.train()
+    net(torch.from_numpy(x[:2] * 10))  # a skewed batch the running averages would remember
+    recompute_batchnorm(net, x, "cpu", batch=8)
+    bn = net[0]
+    assert float(bn.running_mean[0]) == pytest.approx(float(x.mean()), rel=1e-5)
+    # BatchNorm keeps the unbiased variance of each batch; equal batches average to:
+    var = np.mean([x[i:i + 8].var(ddof=1) for i in (0, 8)])
+    assert float(bn.running_var[0]) == pytest.approx(float(var), rel=1e-4)
+    assert bn.momentum == 0.5 and not net.training
