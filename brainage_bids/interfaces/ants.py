@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -63,8 +64,6 @@ def register_to_template(brain_file: str, mask_file: str, template_file: str, te
     norm = normalise_mean_in_mask(data, mask_arr)
     nib.save(nib.Nifti1Image(norm, tpl_img.affine), out_file)
     nib.save(nib.Nifti1Image(mask_arr.astype(np.uint8), tpl_img.affine), out_mask)
-    import shutil
-
     shutil.copyfile(fwd[0], out_transform)
     return corr
 

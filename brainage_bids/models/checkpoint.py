@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,7 @@ from scipy import stats
 from .. import __version__
 from ..utils.bids import Scan, collect_scans, load_filters, read_participants
 from ..utils.images import atomic_write_text
-from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint, sha256sum
+from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint
 from .inference import model_input, resolve_device
 from .sfcn import bin_centres, expected_age, soft_label_loss
 
@@ -199,7 +199,9 @@ def _card_markdown(card: dict) -> str:
         "| test (held out, never used for selection) " + fmt(card["test"]), "",
         "## Training", f"- {card['epochs']} epochs (best validation epoch {card['best_epoch']}), "
         f"batch {card['batch_size']}, AdamW lr {card['learning_rate']:g} (cosine), weight decay "
-        f"{card['weight_decay']:g}, augmentation: random shifts of up to 2 voxels and left-right flips.",
+        f"{card['weight_decay']:g}, augmentation: random shifts of up to 2 voxels and left-right flips; "
+        "BatchNorm statistics recomputed over the training scans after every epoch; the epoch with "
+        "the lowest validation MAE is kept.",
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
         "## Limits",
@@ -210,6 +212,8 @@ def _card_markdown(card: dict) -> str:
         "group-level comparisons.", "",
         f"brainage-bids {card['software_version']}; weights sha256 in the JSON card.",
     ]
+    if card.get("notes"):
+        lines[-1:-1] = ["## Notes", *[f"- {n}" for n in card["notes"]], ""]
     return "\n".join(lines) + "\n"
 
 
@@ -366,6 +370,3 @@ def _dataset_name(bids_dir: Path) -> str:
     except (OSError, json.JSONDecodeError):
         return bids_dir.name
 
-
-__all__ = ["train_from_bids", "stratified_split", "metrics", "augment", "healthy_controls",
-           "sha256sum"]
