@@ -18,6 +18,9 @@ from nipype.interfaces.base import (
 from ..utils.images import mask_correlation, normalise_mean_in_mask
 
 
+REGISTRATION_SEED = 1
+
+
 def _set_threads(n: int) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
@@ -50,6 +53,10 @@ def register_to_template(brain_file: str, mask_file: str, template_file: str, te
     import ants
 
     _set_threads(threads)
+    # Fixed seed for the metric's random sampling, so reruns give the same transform.
+    # (ants.set_ants_deterministic would also force one ITK thread.)
+    if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
+        ants.config._random_seed = REGISTRATION_SEED
     fixed = ants.image_read(template_file)
     moving = ants.image_read(brain_file)
     reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform)
