@@ -81,6 +81,8 @@ def plugin_settings(opts) -> dict:
     if opts.plugin == "MultiProc":
         args.setdefault("n_procs", opts.nprocs)
         args.setdefault("raise_insufficient", False)
+        # Workers forked from a process that already ran PyTorch can deadlock in its OpenMP pool.
+        args.setdefault("mp_context", "forkserver")
     return {"plugin": opts.plugin, "plugin_args": args}
 
 
