@@ -34,6 +34,7 @@ HEALTHY = {"hc", "healthy", "control", "healthy control", "healthy_control"}
 class Example:
     participant_id: str
     path: str
+    mask: str
     age: float
 
 
@@ -109,7 +110,7 @@ def find_examples(bids_dir: Path, output_dir: Path, opts) -> list[Example]:
         if not (os.path.exists(paths["preproc"]) and os.path.exists(paths["mask"])):
             no_preproc.append(scan.relpath)
             continue
-        examples.append(Example(scan.participant_id, paths["preproc"], float(scan.age)))
+        examples.append(Example(scan.participant_id, paths["preproc"], paths["mask"], float(scan.age)))
     if no_age:
         LOG.warning("%d scan(s) without an age are not used: %s", len(no_age), ", ".join(no_age[:10]))
     if no_preproc:
@@ -127,13 +128,12 @@ def load_arrays(examples: list[Example], spec: InputSpec, cache_dir: Path) -> np
     key = f"{spec.voxel_size:g}mm_{'x'.join(map(str, spec.shape))}_{spec.normalisation}"
     arrays = []
     for ex in tqdm(examples, desc="loading images", unit="scan", disable=None):
-        mask = ex.path.replace("_desc-preproc_", "_desc-brain_").rsplit("_", 1)[0] + "_mask.nii.gz"
         stamp = int(os.path.getmtime(ex.path))
         f = cache_dir / f"{Path(ex.path).name[:-7]}_{key}_{stamp}.npy"
         if f.exists():
             arrays.append(np.load(f))
             continue
-        arr = model_input(ex.path, mask, spec)
+        arr = model_input(ex.path, ex.mask, spec)
         np.save(f, arr)
         arrays.append(arr)
     return np.stack(arrays)[:, None]
