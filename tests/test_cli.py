@@ -141,3 +141,18 @@ def test_version(capsys):
 
 def test_group_without_participant_outputs(synthetic_bids, tmp_path):
     assert _run([synthetic_bids, tmp_path / "out", "group"], tmp_path) == 66
+
+
+def test_progress_callback_counts_finished_and_failed_nodes(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from brainage_bids.cli.run import Progress
+
+    progress = Progress(3)
+    with caplog.at_level(logging.INFO, logger="brainage_bids"):
+        progress(SimpleNamespace(fullname="brainage_wf.a"), "start")
+        progress(SimpleNamespace(fullname="brainage_wf.a"), "end")
+        progress(SimpleNamespace(fullname="brainage_wf.b"), "exception")
+    assert progress.done == 2
+    assert "[1/3] a" in caplog.text and "[2/3] FAILED brainage_wf.b" in caplog.text

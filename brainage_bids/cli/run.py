@@ -175,6 +175,10 @@ def run_participant(opts) -> int:
     from nipype import config as ncfg
 
     ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
+    from nipype.interfaces.utility import IdentityInterface
+
+    n_jobs = sum(not isinstance(n.interface, IdentityInterface) for n in wf._get_all_nodes())
+    plugin["plugin_args"].setdefault("status_callback", Progress(n_jobs))
     try:
         wf.run(**plugin)
     except RuntimeError as exc:  # nipype raises once at the end when any node failed
