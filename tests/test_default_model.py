@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from brainage_bids.cli.parser import parse_args
-from brainage_bids.cli.run import DEFAULT_MODEL, resolve_model
+from brainage_bids.cli.run import DEFAULT_MODEL, resolve_models
+from brainage_bids.models.checkpoint import sha256sum
+from brainage_bids.models.zoo import REGISTRY
 from brainage_bids.models.checkpoint import load_model, mni_box_grid
 from brainage_bids.models.train import metrics
 
@@ -16,7 +18,13 @@ CARD = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "_card.json")
 
 def test_default_model_is_used_without_model_option(tmp_path):
     opts = parse_args([str(tmp_path), str(tmp_path / "out"), "participant"])
-    assert resolve_model(opts) == str(DEFAULT_MODEL.resolve())
+    (request,) = resolve_models(opts)
+    assert request.name == "ixi-sfcn-2mm" and request.modality == "T1w" and not request.ensemble
+    assert request.members == [("ixi-sfcn-2mm", str(DEFAULT_MODEL), "T1w")]
+
+
+def test_zoo_records_the_digest_of_the_shipped_weights():
+    assert sha256sum(DEFAULT_MODEL) == REGISTRY["ixi-sfcn-2mm"].sha256
 
 
 def test_default_model_loads_and_matches_its_card():

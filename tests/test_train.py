@@ -41,11 +41,15 @@ def trained_inputs(tmp_path_factory):
         anat.mkdir(parents=True)
         raw = nib.Nifti1Image(rng.random((8, 8, 8)).astype(np.float32), np.eye(4))
         nib.save(raw, anat / f"sub-{sub}_T1w.nii.gz")
+        nib.save(raw, anat / f"sub-{sub}_FLAIR.nii.gz")
         dst = out / f"sub-{sub}" / "anat"
         dst.mkdir(parents=True)
         img = data * (1 + age / 50.0) + rng.normal(0, 1, data.shape).astype(np.float32)
         nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, img, 0).astype(np.float32), brain.affine),
                  dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_T1w.nii.gz")
+        flair = (data.max() - data) * (1 + age / 50.0) + rng.normal(0, 1, data.shape)
+        nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, flair, 0).astype(np.float32),
+                                 brain.affine), dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz")
         nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-brain_mask.nii.gz")
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     return bids, out, root / "work"
@@ -163,3 +167,70 @@ def test_recompute_batchnorm_gives_exact_population_statistics():
     var = np.mean([x[i:i + 8].var(ddof=1) for i in (0, 8)])
     assert float(bn.running_var[0]) == pytest.approx(float(var), rel=1e-4)
     assert bn.momentum == 0.5 and not net.training
+
+
+def test_flair_cv_ensemble_writes_members_oof_and_rows(trained_inputs, tmp_path):
+    """A 3-fold FLAIR ensemble: member weights, a manifest, out-of-fold predictions for every
+    training participant exactly once, and participant rows per member plus model=ensemble."""
+    import pandas as pd
+
+    from brainage_bids.interfaces.predict import PredictAge
+    from brainage_bids.models.zoo import resolve_request
+
+    bids, out, work = trained_inputs
+    rc = main([str(bids), str(out), "train", "--model-name", "fl", "--modalities", "FLAIR",
+               "--ensemble-size", "3", "--ensemble-mode", "cv", "--epochs", "1", "-w", str(work),
+               *ARGS])
+    assert rc == 0
+    folder = out / "models" / "fl"
+    card = json.loads((folder / "fl_card.json").read_text())
+    assert card["modality"] == "FLAIR" and card["ensemble"] == {"size": 3, "mode": "cv"}
+    test_ids = set(card["split_participants"]["test"])
+    oof = pd.read_csv(folder / "oof_predictions.tsv", sep="\t")
+    pool = {f"sub-s{i:02d}" for i in range(N_HC)} - test_ids
+    assert sorted(oof["participant_id"]) == sorted(pool)  # each exactly once, no test scans
+    assert set(oof["fold"]) == {1, 2, 3} and set(oof["suffix"]) == {"FLAIR"}
+    assert all(oof["model"] == [f"fl-m{f}" for f in oof["fold"]])
+    for member in card["split_participants"]["members"]:
+        assert not set(member["train"]) & set(member["validation"])
+        assert not set(member["train"]) & test_ids
+    for p in card["test"]["predictions"]:
+        assert p["predicted_age"] == pytest.approx(np.mean(p["members"]), abs=1e-3)
+
+    request = resolve_request(str(folder / "fl.json"))
+    assert request.modality == "FLAIR" and request.ensemble and len(request.members) == 3
+    anat = out / "sub-s00" / "anat"
+    node = PredictAge(model_files=[m[1] for m in request.members],
+                      model_names=[m[0] for m in request.members],
+                      model_modalities=[m[2] for m in request.members],
+                      preproc_file=str(anat / f"sub-s00_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz"),
+                      mask_file=str(anat / f"sub-s00_space-{TEMPLATE}_desc-brain_mask.nii.gz"),
+                      participant_id="sub-s00", source_file="sub-s00/anat/sub-s00_FLAIR.nii.gz",
+                      suffix="FLAIR", chronological_age=20.0, precision="fp32")
+    res = node.run(cwd=str(tmp_path))
+    rows = pd.read_csv(res.outputs.out_tsv, sep="\t")
+    assert list(rows["model"]) == ["fl-m1", "fl-m2", "fl-m3", "ensemble"]
+    members, ens = rows.iloc[:3], rows.iloc[3]
+    assert ens["predicted_age"] == pytest.approx(members["predicted_age"].mean(), abs=1e-3)
+    expected_sd = np.sqrt((members["predicted_age_sd"] ** 2).mean()
+                          + members["predicted_age"].var(ddof=0))
+    assert ens["predicted_age_sd"] == pytest.approx(expected_sd, abs=1e-3)
+    assert ens["brain_age_gap"] == pytest.approx(ens["predicted_age"] - 20.0, abs=1e-3)
+    meta = json.loads(open(res.outputs.out_json).read())
+    assert meta["Ensemble"]["Members"] == ["fl-m1", "fl-m2", "fl-m3"]
+    assert all(m["Modality"] == "FLAIR" for m in meta["Models"])
+
+
+def test_train_irv2_one_epoch(trained_inputs):
+    """The Inception-ResNet-V2 trains (MSE, scalar output) and its checkpoint loads."""
+    bids, out, work = trained_inputs
+    rc = main([str(bids), str(out), "train", "--model-name", "irv", "--arch", "irv2",
+               "--epochs", "1", "-w", str(work), *ARGS])
+    assert rc == 0
+    folder = out / "models" / "irv"
+    card = json.loads((folder / "irv_card.json").read_text())
+    model = load_model(folder / "irv.pt")
+    assert model.arch == "irv2" and model.output == "scalar" and model.centres is None
+    assert card["parameters"] == 49_429_747
+    assert np.isfinite(card["test"]["mae"])
+    assert "Inception-ResNet-V2" in (folder / "irv_card.md").read_text()

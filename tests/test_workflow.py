@@ -6,6 +6,7 @@ from nipype.interfaces.base import isdefined
 from nipype.interfaces.utility import IdentityInterface
 
 from brainage_bids.interfaces.bids import DerivativesSink
+from brainage_bids.models.zoo import resolve_request
 from brainage_bids.utils.bids import collect_scans
 from brainage_bids.utils.templates import get_template
 from brainage_bids.workflows.outputs import derivative_paths
@@ -29,11 +30,11 @@ def scans(synthetic_bids):
 
 
 def _build(scans, tmp_path, template, model_file):
+    models = None if model_file is None else [resolve_request(str(model_file))]
     return init_brainage_wf(
         scans=scans, output_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
         run_id=RUN_ID, template=str(template.brain), template_mask=str(template.mask),
-        model_file=None if model_file is None else str(model_file), skull_strip="deepbet",
-        device="cpu", omp_nthreads=1)
+        models=models, skull_strip="deepbet", device="cpu", omp_nthreads=1)
 
 
 def _flat(wf):
@@ -90,7 +91,8 @@ def test_participant_graph(scans, tmp_path, template, random_model):
         assert nodes[f"{p}.preproc_wf.skull_strip"].inputs.source_file == scan.path
         assert nodes[f"{p}.preproc_wf.register"].inputs.template == str(template.brain)
         predict = nodes[f"{p}.predict_wf.predict"].inputs
-        assert predict.model_file == str(random_model)
+        assert predict.model_files == [str(random_model.resolve())]
+        assert predict.model_names == ["random-sfcn"]
         assert predict.participant_id == scan.participant_id
         assert predict.source_file == scan.relpath
         if scan.age is None:
@@ -130,11 +132,12 @@ def test_preproc_only_graph(scans, tmp_path, template):
 
 def test_factories_have_input_and_output_nodes(template, random_model):
     pre = init_preproc_wf(template=str(template.brain), template_mask=str(template.mask))
-    pred = init_predict_wf(model_file=str(random_model), participant_id="sub-01", session_id=None,
+    pred = init_predict_wf(models=[resolve_request(str(random_model))], participant_id="sub-01",
+                           session_id=None,
                            source_file="sub-01/anat/sub-01_T1w.nii.gz", suffix="T1w", age=None)
     for wf, name, outputs in ((pre, "preproc_wf", {"preproc", "mask", "transform",
                                                    "registration_correlation", "mask_volume_ml",
-                                                   "registration_report"}),
+                                                   "registration_report", "head"}),
                               (pred, "predict_wf", {"out_tsv", "out_json", "out_distribution"})):
         assert wf.name == name
         assert isinstance(wf.get_node("inputnode").interface, IdentityInterface)

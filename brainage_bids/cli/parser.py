@@ -43,7 +43,8 @@ def _label(value: str, prefix: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="brainage-bids",
-        description="Brain age from T1w MRI as a BIDS App: participant -> group, or train a model.",
+        description="Brain age from T1w and T2-FLAIR MRI as a BIDS App: participant -> group, or train "
+                    "a model. Manage models with `brainage-bids models list|install`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("bids_dir", help="the input BIDS dataset (read only)")
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--session-label", nargs="+", metavar="LABEL", type=lambda s: _label(s, "ses-"),
                      help="sessions to process (ses- optional)")
     sel.add_argument("--bids-filter-file", metavar="FILE",
-                     help='JSON of PyBIDS filters for the "t1w" query, as in fMRIPrep')
+                     help='JSON of PyBIDS filters for the "t1w" and "flair" queries, as in fMRIPrep')
+    sel.add_argument("--modalities", nargs="+", choices=("T1w", "FLAIR"), default=["T1w"],
+                     help="image types to process (train: the modality of the model)")
     sel.add_argument("--skip-bids-validation", action="store_true",
                      help="do not check file names and dataset_description.json")
 
@@ -77,16 +80,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where networks run")
 
     proc = p.add_argument_group("processing")
-    proc.add_argument("--model", metavar="FILE",
-                      help="model checkpoint (default: the model shipped with the package)")
+    proc.add_argument("--model", nargs="+", metavar="NAME|FILE[:MODALITY]",
+                      help="zoo models (`brainage-bids models list`) or checkpoint files; each runs "
+                           "on the scans of its modality (append :T1w or :FLAIR to override); with "
+                           "several, a row model=ensemble is added (default: ixi-sfcn-2mm for T1w, "
+                           "flair-brain-age-flair for FLAIR)")
+    proc.add_argument("--precision", choices=("fast", "fp32"), default="fast",
+                      help="fast: bfloat16 autocast + channels_last_3d on CPU, float16 autocast on "
+                           "CUDA (ages within 0.1 year of fp32, see tests); fp32: plain float32")
     proc.add_argument("--skull-strip", choices=("auto", "deepbet", "hd-bet", "none"), default="auto",
                       help="auto: HD-BET when installed with its weights and a GPU is used, else "
                            "deepbet; none: inputs are already brain-extracted")
     proc.add_argument("--preproc-only", action="store_true",
                       help="participant level: write the MNI images and masks only (for `train`)")
 
+    grp = p.add_argument_group("group level")
+    grp.add_argument("--stats-spec", metavar="YAML",
+                     help="statistics specification: column names, control labels, covariates, "
+                          "bias method, ... (see brainage_bids/data/stats_spec_example.yml)")
+    grp.add_argument("--bias-fit-file", metavar="TSV",
+                     help="healthy-control predictions to fit the age-bias correction on "
+                          "(participant_id, session_id, suffix, model, chronological_age, "
+                          "predicted_age); default: OUTPUT_DIR/models/*/oof_predictions.tsv, "
+                          "else the controls of the group table")
+    grp.add_argument("--bias-method", choices=("cole", "beheshti"),
+                     help="age-bias correction (overrides bias.method of --stats-spec; default cole)")
+
     tr = p.add_argument_group("train level")
     tr.add_argument("--model-name", default="brainage-sfcn", help="name of the trained model")
+    tr.add_argument("--arch", choices=("sfcn", "irv2"), default="sfcn",
+                    help="SFCN (soft-label bins) or 3D Inception-ResNet-V2 (scalar age, MSE)")
+    tr.add_argument("--ensemble-size", type=int, default=1, metavar="K",
+                    help="train K members and write an ensemble")
+    tr.add_argument("--ensemble-mode", choices=("seeds", "cv"), default="cv",
+                    help="cv: members trained on K cross-validation folds of the training "
+                         "participants, out-of-fold predictions kept; seeds: same data, seeds "
+                         "seed..seed+K-1")
     tr.add_argument("--epochs", type=int, default=60)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--learning-rate", type=float, default=1e-3)
@@ -115,4 +144,23 @@ def parse_args(argv=None) -> argparse.Namespace:
         opts.omp_nthreads = min(opts.nprocs, 8)
     if opts.omp_nthreads < 1:
         raise UsageError("--omp-nthreads must be at least 1")
+    if opts.ensemble_size < 1:
+        raise UsageError("--ensemble-size must be at least 1")
+    if opts.ensemble_size == 1:
+        opts.ensemble_mode = "single"
     return opts
+
+
+def build_models_parser() -> argparse.ArgumentParser:
+    """``brainage-bids models list | install NAME --from FILE``."""
+    p = _Parser(prog="brainage-bids models", description="List and install brain-age models. "
+                "Weights are never downloaded by the app: fetch them from the URL `list` shows.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ls = sub.add_parser("list", help="zoo models and whether they are installed")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ins = sub.add_parser("install", help="check a downloaded weights file and copy it to the cache")
+    ins.add_argument("name", help="zoo model name")
+    ins.add_argument("--from", dest="source", required=True, metavar="FILE",
+                     help="the downloaded weights file")
+    ins.add_argument("--sha256", help="expected digest, when the entry records none")
+    return p

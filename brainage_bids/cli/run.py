@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .parser import (
     EXIT_CANT_CREATE,
+    EXIT_DATA,
     EXIT_NO_INPUT,
     EXIT_OK,
     EXIT_PARTICIPANT_FAILED,
@@ -122,13 +123,27 @@ def setup_logging(verbose: int) -> None:
         nlog.setLevel(logging.INFO if verbose and name == "nipype.workflow" else logging.WARNING)
 
 
-def resolve_model(opts) -> str:
-    path = Path(opts.model) if opts.model else DEFAULT_MODEL
-    if not path.exists():
-        hint = ("pass --model FILE" if opts.model else
-                "the package was installed without its default model; reinstall it or pass --model")
-        raise UsageError(f"model file not found: {path} ({hint})", EXIT_NO_INPUT)
-    return str(path.resolve())
+def resolve_models(opts) -> list:
+    """The models to run (zoo.ModelRequest), checked before any work starts.
+
+    Every selected modality needs a model: the ``--model`` ones of that modality (or of unknown
+    modality), else the zoo default of the modality. A missing model is a usage error naming the
+    URL and the install command.
+    """
+    from ..models.zoo import DEFAULT_MODELS, ModelNotInstalled, resolve_request
+
+    try:
+        requests = [resolve_request(v) for v in (opts.model or [])]
+        for modality in opts.modalities:
+            if not any(r.modality in (modality, None) for r in requests):
+                requests.append(resolve_request(DEFAULT_MODELS[modality]))
+    except (ModelNotInstalled, FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc), EXIT_NO_INPUT) from exc
+    for r in requests:
+        if r.modality is not None and r.modality not in opts.modalities:
+            LOG.warning("model %s (%s) has no %s scans to run on; add --modalities %s", r.name,
+                        r.modality, r.modality, r.modality)
+    return requests
 
 
 def crash_messages(log_dir: str) -> list[str]:
@@ -150,16 +165,17 @@ def run_participant(opts) -> int:
     from ..utils.bids import collect_scans, load_filters, write_derivative_description
     from ..utils.templates import get_template
     from ..workflows.outputs import derivative_paths
-    from ..workflows.participant import crash_dir, init_brainage_wf
+    from ..workflows.participant import crash_dir, init_brainage_wf, models_for
     from ..interfaces.skullstrip import resolve_method
 
     plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
     bids_dir, output_dir, work_dir = check_paths(opts)
     scans = collect_scans(bids_dir, opts.participant_label, opts.session_label,
-                          load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation)
-    model_file = None if opts.preproc_only else resolve_model(opts)
+                          load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation,
+                          modalities=opts.modalities)
+    models = [] if opts.preproc_only else resolve_models(opts)
     for scan in scans:
-        if scan.age is None and model_file:
+        if scan.age is None and models:
             LOG.warning("%s: no age in sessions.tsv or participants.tsv; it is predicted and its "
                         "brain_age_gap is n/a", scan.path)
     template = get_template()
@@ -170,8 +186,9 @@ def run_participant(opts) -> int:
     write_derivative_description(bids_dir, output_dir)
     wf = init_brainage_wf(
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
-        template=str(template.brain), template_mask=str(template.mask), model_file=model_file,
-        skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads)
+        template=str(template.brain), template_mask=str(template.mask), models=models,
+        skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
+        precision=opts.precision)
     from nipype import config as ncfg
 
     ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
@@ -186,7 +203,8 @@ def run_participant(opts) -> int:
     failed = []
     for scan in scans:
         paths = derivative_paths(scan, str(output_dir))
-        expected = [paths["preproc"], paths["mask"]] + ([] if opts.preproc_only else [paths["brainage"]])
+        expected = [paths["preproc"], paths["mask"]] + (
+            [paths["brainage"]] if models_for(scan, models) else [])
         if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
             failed.append(scan)
     failed_subjects = sorted({s.participant_id for s in failed})
@@ -208,11 +226,29 @@ def _stale(paths: list[str], run_id: str) -> bool:
 
 
 def run_group(opts) -> int:
-    from ..stats.collect import collect_brainage
+    """Bias correction, accuracy, model comparison and clinical statistics (group/)."""
+    from ..stats.group import run_group_analyses
+    from ..stats.spec import load_spec
 
-    _, output_dir, _ = check_paths(opts)
-    out = collect_brainage(output_dir)
-    print(f"brainage-bids group: wrote {out}", file=sys.stderr)
+    spec = load_spec(opts.stats_spec)  # a bad spec is a usage error before any work
+    if opts.bias_method:
+        spec["bias"]["method"] = opts.bias_method
+    fit_file = opts.bias_fit_file or spec["bias"]["fit_file"]
+    if fit_file and not Path(fit_file).is_file():
+        raise UsageError(f"--bias-fit-file not found: {fit_file}", EXIT_NO_INPUT)
+    bids_dir, output_dir, _ = check_paths(opts)
+    try:
+        summary = run_group_analyses(bids_dir, output_dir, spec, bias_fit_file=fit_file)
+    except (ValueError, KeyError) as exc:  # unreadable participant tables or clinical files
+        from .parser import EXIT_DATA
+
+        raise UsageError(f"group level: {exc}", EXIT_DATA) from exc
+    fitted = [f"{b['model']}/{b['suffix']}" for b in summary["bias"] if b["status"] == "fitted"]
+    print(f"brainage-bids group: wrote {summary['brainage']}; bias correction "
+          f"{'fitted for ' + ', '.join(fitted) if fitted else 'not fitted'}; "
+          f"{len(summary['tables'])} table(s) in {Path(summary['brainage']).parent / 'stats'}, "
+          f"{len(summary['skipped'])} analysis/analyses skipped (see stats/skipped.tsv)",
+          file=sys.stderr)
     return EXIT_OK
 
 
@@ -226,9 +262,44 @@ def run_train(opts) -> int:
     return EXIT_OK
 
 
+def run_models(argv: list[str]) -> int:
+    """``brainage-bids models list | install``."""
+    from ..models import zoo
+    from .parser import build_models_parser
+
+    try:
+        opts = build_models_parser().parse_args(argv)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    if opts.command == "list":
+        rows = zoo.listing()
+        if opts.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'name':28} {'arch':9} {'modality':8} {'state':10} notes")
+            for r in rows:
+                print(f"{r['name']:28} {r['arch']:9} {r['modality']:8} {r['state']:10} {r['notes']}")
+            print(f"\ncache: {zoo.cache_dir()} (set ${zoo.CACHE_ENV} to change it)")
+        return EXIT_OK
+    try:
+        dest = zoo.install(opts.name, opts.source, sha256=opts.sha256)
+    except (KeyError, FileNotFoundError) as exc:
+        print(f"brainage-bids models install: {exc.args[0]}", file=sys.stderr)
+        return EXIT_NO_INPUT if isinstance(exc, FileNotFoundError) else EXIT_USAGE
+    except (ValueError, RuntimeError) as exc:
+        print(f"brainage-bids models install: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    print(f"installed {opts.name} -> {dest}", file=sys.stderr)
+    return EXIT_OK
+
+
 def main(argv=None) -> int:
     from ..utils.bids import BIDSInputError
 
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["models"]:
+        return run_models(raw[1:])
     try:
         opts = parse_args(argv)
     except UsageError as exc:

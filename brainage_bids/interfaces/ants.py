@@ -25,10 +25,12 @@ def _set_threads(n: int) -> None:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(n)))
 
 
-def n4_in_mask(in_file: str, mask_file: str, out_file: str, threads: int = 1) -> None:
+def n4_in_mask(in_file: str, mask_file: str, out_file: str, threads: int = 1,
+               out_head: str | None = None) -> None:
     """N4 bias-field correction estimated inside the brain mask; output is masked, on the input grid.
 
-    The shrink factor keeps the fit on a ~4 mm grid whatever the input resolution.
+    The shrink factor keeps the fit on a ~4 mm grid whatever the input resolution. ``out_head``
+    receives the corrected whole image (the field estimated in the mask, applied everywhere).
     """
     import ants
 
@@ -37,9 +39,11 @@ def n4_in_mask(in_file: str, mask_file: str, out_file: str, threads: int = 1) ->
     mask = ants.image_read(mask_file)
     shrink = int(np.clip(round(4.0 / min(img.spacing)), 1, 4))
     corrected = ants.n4_bias_field_correction(img, mask=mask, shrink_factor=shrink)
-    arr = corrected.numpy() * (mask.numpy() > 0)
-    out = nib.Nifti1Image(arr.astype(np.float32), nib.load(in_file).affine)
-    nib.save(out, out_file)
+    affine = nib.load(in_file).affine
+    head = corrected.numpy()
+    nib.save(nib.Nifti1Image((head * (mask.numpy() > 0)).astype(np.float32), affine), out_file)
+    if out_head:
+        nib.save(nib.Nifti1Image(np.clip(head, 0, None).astype(np.float32), affine), out_head)
 
 
 def register_to_template(brain_file: str, mask_file: str, template_file: str, template_mask_file: str,
@@ -81,19 +85,56 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True)
 
 
-class _OutFileSpec(TraitedSpec):
-    out_file = File(exists=True)
+class _N4OutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="corrected brain (zero outside the mask)")
+    out_head = File(exists=True, desc="corrected whole image")
 
 
 class N4InMask(SimpleInterface):
     """N4 bias-field correction inside a brain mask (see :func:`n4_in_mask`)."""
 
     input_spec = _N4InputSpec
-    output_spec = _OutFileSpec
+    output_spec = _N4OutputSpec
 
     def _run_interface(self, runtime):
         out = os.path.join(runtime.cwd, "brain_n4.nii.gz")
-        n4_in_mask(self.inputs.in_file, self.inputs.mask_file, out, self.inputs.num_threads)
+        head = os.path.join(runtime.cwd, "head_n4.nii.gz")
+        n4_in_mask(self.inputs.in_file, self.inputs.mask_file, out, self.inputs.num_threads,
+                   out_head=head)
+        self._results.update(out_file=out, out_head=head)
+        return runtime
+
+
+def apply_to_template(in_file: str, transform: str, template_file: str, out_file: str) -> None:
+    """Resample an image into template space with an affine from :func:`register_to_template`."""
+    import ants
+
+    fixed = ants.image_read(template_file)
+    warped = ants.apply_transforms(fixed, ants.image_read(in_file), [transform],
+                                   interpolator="linear")
+    nib.save(nib.Nifti1Image(np.clip(warped.numpy(), 0, None).astype(np.float32),
+                             nib.load(template_file).affine), out_file)
+
+
+class _ApplyInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    transform = File(exists=True, mandatory=True)
+    template = File(exists=True, mandatory=True)
+
+
+class _OutFileSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class ApplyToTemplate(SimpleInterface):
+    """Resample an image into template space (see :func:`apply_to_template`)."""
+
+    input_spec = _ApplyInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        out = os.path.join(runtime.cwd, "head_mni.nii.gz")
+        apply_to_template(self.inputs.in_file, self.inputs.transform, self.inputs.template, out)
         self._results["out_file"] = out
         return runtime
 

@@ -32,7 +32,9 @@ COLUMN_DESCRIPTIONS = {
     "predicted_age": {"Description": "brain age: expectation of the model's predicted age distribution",
                       "Units": "year"},
     "predicted_age_sd": {"Description": "standard deviation of the model's predicted age distribution "
-                                        "(per-scan uncertainty)", "Units": "year"},
+                                        "(per-scan uncertainty); n/a for models that regress a "
+                                        "single age; for model=ensemble see Ensemble.SD",
+                         "Units": "year"},
     "brain_age_gap": {"Description": "predicted_age - chronological_age, uncorrected (brain-PAD); "
                                      "n/a when the age is unknown", "Units": "year"},
     "lesion_filled": {"Description": "whether lesions were filled before prediction",
@@ -43,6 +45,8 @@ COLUMN_DESCRIPTIONS = {
                                          "the threshold in QCThresholds",
                      "age_outside_training_range": "chronological age outside the ages the model "
                                                    "was trained on",
+                     "model_modality_mismatch": "the model was trained on another modality than "
+                                                "the image (run on explicit request)",
                  }},
 }
 
@@ -68,7 +72,8 @@ def brainage_row(*, participant_id, session_id, source_file, suffix, model, age,
     return {
         "participant_id": participant_id, "session_id": session_id, "source_file": source_file,
         "suffix": suffix, "model": model, "chronological_age": age,
-        "predicted_age": round(float(predicted), 4), "predicted_age_sd": round(float(sd), 4),
+        "predicted_age": round(float(predicted), 4),
+        "predicted_age_sd": None if not np.isfinite(sd) else round(float(sd), 4),
         "brain_age_gap": None if age is None else round(float(predicted) - float(age), 4),
         "lesion_filled": "true" if lesion_filled else "false",
         "qc_flags": ";".join(flags) if flags else None,
@@ -80,14 +85,33 @@ def write_table(rows: list[dict], path: str) -> None:
     df.to_csv(path, sep="\t", index=False, na_rep="n/a")
 
 
-def brainage_sidecar(model, registration_correlation=None, mask_volume_ml=None) -> dict:
+def model_description(model) -> dict:
+    d = {"Name": model.name, "Architecture": model.arch, "SHA256": model.sha256,
+         "Modality": model.modality, "Output": model.output,
+         "InputShape": list(model.input.shape), "InputVoxelSize": model.input.voxel_size,
+         "InputImage": model.input.image, "Normalisation": model.input.normalisation}
+    if model.centres is not None:
+        d["AgeBins"] = [float(model.centres[0]), float(model.centres[-1])]
+    return d
+
+
+def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
+                     precision: str = "fp32") -> dict:
+    """Sidecar of a brain-age table: column descriptions, the models, QC figures."""
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
     meta = dict(COLUMN_DESCRIPTIONS)
-    meta["Model"] = {
-        "Name": model.name, "Architecture": model.arch, "SHA256": model.sha256,
-        "InputShape": list(model.input.shape), "InputVoxelSize": model.input.voxel_size,
-        "Normalisation": model.input.normalisation,
-        "AgeBins": [float(model.centres[0]), float(model.centres[-1])],
-    }
+    meta["Models"] = [model_description(m) for m in models]
+    if len(models) == 1:
+        meta["Model"] = meta["Models"][0]
+    else:
+        meta["Ensemble"] = {
+            "Members": [m.name for m in models],
+            "Age": "mean of the members' predicted ages",
+            "SD": "law of total variance: sqrt(mean of the members' variances + population "
+                  "variance of the members' ages); members without a distribution (scalar "
+                  "output) contribute through the spread of their ages only",
+        }
+    meta["Precision"] = precision
     meta["SoftwareVersion"] = __version__
     meta["GeneratedBy"] = [{"Name": "brainage-bids", "Version": __version__}]
     meta["Template"] = "MNI152NLin2009aSym"
@@ -107,8 +131,12 @@ def model_age_range(model) -> tuple | None:
 class _PredictInputSpec(BaseInterfaceInputSpec):
     preproc_file = File(exists=True, mandatory=True, desc="brain in MNI space")
     mask_file = File(exists=True, mandatory=True, desc="brain mask in MNI space")
-    model_file = File(exists=True, mandatory=True)
+    head_file = File(exists=True, desc="whole head in MNI space (for models that read the head)")
+    model_files = traits.List(File(exists=True), mandatory=True, minlen=1)
+    model_names = traits.List(traits.Str, desc="row names of the models (default: from the files)")
+    model_modalities = traits.List(traits.Str, desc="modality of each model ('' when unknown)")
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True)
+    precision = traits.Enum("fast", "fp32", usedefault=True)
     num_threads = traits.Int(1, usedefault=True)
     participant_id = traits.Str(mandatory=True)
     session_id = traits.Str("", usedefault=True)
@@ -122,12 +150,16 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
 class _PredictOutputSpec(TraitedSpec):
     out_tsv = File(exists=True)
     out_json = File(exists=True)
-    out_distribution = File(exists=True, desc="npz with bin centres and probabilities")
-    predicted_age = traits.Float()
+    out_distribution = File(exists=True, desc="npz with bin centres and probabilities per model")
+    predicted_age = traits.Float(desc="the ensemble's age when several models ran")
 
 
 class PredictAge(SimpleInterface):
-    """Predict brain age from a preprocessed image and write the participant-level row."""
+    """Predict brain age with one or several models and write the participant-level rows.
+
+    One row per model; with several models a last row ``model=ensemble`` (see
+    :func:`brainage_bids.models.inference.ensemble`).
+    """
 
     input_spec = _PredictInputSpec
     output_spec = _PredictOutputSpec
@@ -136,30 +168,57 @@ class PredictAge(SimpleInterface):
         import torch
 
         from ..models.checkpoint import load_model
-        from ..models.inference import model_input, predict_arrays, resolve_device
+        from ..models.inference import ensemble, model_input, predict_arrays, resolve_device
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
         device = resolve_device(self.inputs.device)
-        model = load_model(self.inputs.model_file, device=device)
-        x = model_input(self.inputs.preproc_file, self.inputs.mask_file, model.input)
-        mean, sd, prob = predict_arrays(model, [x], device=device)
+        names = list(self.inputs.model_names) if isdefined(self.inputs.model_names) else []
+        modalities = (list(self.inputs.model_modalities)
+                      if isdefined(self.inputs.model_modalities) else [])
         age = self.inputs.chronological_age if isdefined(self.inputs.chronological_age) else None
         reg = (self.inputs.registration_correlation
                if isdefined(self.inputs.registration_correlation) else None)
         vol = self.inputs.mask_volume_ml if isdefined(self.inputs.mask_volume_ml) else None
-        row = brainage_row(
-            participant_id=self.inputs.participant_id, session_id=self.inputs.session_id or None,
-            source_file=self.inputs.source_file, suffix=self.inputs.suffix, model=model.name,
-            age=age, predicted=mean[0], sd=sd[0],
-            flags=qc_flags(reg, age, model_age_range(model)),
-        )
+        head = self.inputs.head_file if isdefined(self.inputs.head_file) else None
+        common = dict(participant_id=self.inputs.participant_id,
+                      session_id=self.inputs.session_id or None,
+                      source_file=self.inputs.source_file, suffix=self.inputs.suffix, age=age)
+        inputs: dict = {}  # model input arrays, computed once per input specification
+        rows, models, dist, ages, sds, all_flags = [], [], {}, [], [], set()
+        for i, path in enumerate(self.inputs.model_files):
+            model = load_model(path, device=device, name=names[i] if i < len(names) else None,
+                               modality=(modalities[i] or None) if i < len(modalities) else None)
+            if model.input not in inputs:
+                inputs[model.input] = model_input(self.inputs.preproc_file, self.inputs.mask_file,
+                                                  model.input, head_file=head)
+            mean, sd, prob = predict_arrays(model, [inputs[model.input]], device=device,
+                                            precision=self.inputs.precision)
+            flags = qc_flags(reg, age, model_age_range(model))
+            if model.modality and model.modality != self.inputs.suffix:
+                flags.append("model_modality_mismatch")
+            all_flags.update(flags)
+            rows.append(brainage_row(model=model.name, predicted=mean[0], sd=sd[0], flags=flags,
+                                     **common))
+            models.append(model)
+            ages.append(float(mean[0]))
+            sds.append(float(sd[0]))
+            if prob is not None:
+                dist[f"{model.name}/centres"] = model.centres
+                dist[f"{model.name}/probabilities"] = prob[0]
+        if len(models) > 1:
+            e_age, e_sd = ensemble(ages, sds)
+            order = [f for f in ("low_registration", "age_outside_training_range",
+                                 "model_modality_mismatch") if f in all_flags]
+            rows.append(brainage_row(model="ensemble", predicted=e_age, sd=e_sd, flags=order,
+                                     **common))
+            dist["ensemble/age"] = np.array([e_age])
         tsv = os.path.join(runtime.cwd, "brainage.tsv")
-        write_table([row], tsv)
+        write_table(rows, tsv)
         js = os.path.join(runtime.cwd, "brainage.json")
         with open(js, "w") as fh:
-            json.dump(brainage_sidecar(model, reg, vol), fh, indent=2)
-        dist = os.path.join(runtime.cwd, "distribution.npz")
-        np.savez(dist, centres=model.centres, probabilities=prob[0], model=model.name)
-        self._results.update(out_tsv=tsv, out_json=js, out_distribution=dist,
-                             predicted_age=float(mean[0]))
+            json.dump(brainage_sidecar(models, reg, vol, self.inputs.precision), fh, indent=2)
+        npz = os.path.join(runtime.cwd, "distribution.npz")
+        np.savez(npz, **dist)
+        self._results.update(out_tsv=tsv, out_json=js, out_distribution=npz,
+                             predicted_age=float(rows[-1]["predicted_age"]))
         return runtime

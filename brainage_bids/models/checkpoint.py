@@ -1,14 +1,20 @@
-"""Model checkpoints: our own format and the published UK Biobank SFCN layout.
+"""Model checkpoints: our own format and the published layouts.
 
 Our format is a ``torch.save`` dict::
 
-    {"format": "brainage-bids", "arch": "sfcn", "name": ..., "config": {"channels": [...],
-     "bins": [lo, hi, width]}, "input": InputSpec as dict, "state_dict": {...}}
+    {"format": "brainage-bids", "arch": "sfcn" | "irv2", "name": ..., "modality": "T1w" | "FLAIR",
+     "config": {...}, "input": InputSpec as dict, "card": {...}, "state_dict": {...}}
 
-A plain state_dict (optionally with the ``module.`` prefix of ``torch.nn.DataParallel``) in the
-layout of the published UK Biobank SFCN is recognised by its keys; its 40 output bins are the
-one-year bins centred 42.5 ... 81.5 and its input is the FSL MNI152 1 mm grid cropped
-[11:-11, 13:-13, 11:-11], divided by the mean of the whole volume.
+with ``config`` holding ``channels`` and ``bins`` [lo, hi, width] for SFCN.
+
+Plain state_dicts of two published models are recognised by their keys:
+
+- the UK Biobank SFCN (optionally with the ``module.`` prefix of ``torch.nn.DataParallel``): 40
+  one-year bins centred 42.5 ... 81.5; input the FSL MNI152 1 mm grid cropped
+  [11:-11, 13:-13, 11:-11], divided by the mean of the whole volume;
+- the FLAIR-Brain-Age 3D Inception-ResNet-V2: a scalar age; input the whole head on the FSL
+  MNI152 1 mm grid, z-scored over non-zero voxels, resized to 121x145x121, scaled to [0, 1] and
+  cropped to 118x142x118 (``normalisation="flair_brain_age"``).
 """
 from __future__ import annotations
 
@@ -24,16 +30,20 @@ import torch
 from .sfcn import SFCN, UKB_CHANNELS, bin_centres
 
 FORMAT = "brainage-bids"
-NORMALISATIONS = ("mask_mean", "volume_mean")
+NORMALISATIONS = ("mask_mean", "volume_mean", "flair_brain_age")
+IMAGES = ("brain", "head")
+ARCHS = ("sfcn", "irv2")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The grid (world affine, shape) a model reads, and how intensities are normalised on it."""
+    """The grid (world affine, shape) a model reads, which image (the brain or the whole head) and
+    how intensities are normalised on it."""
 
     affine: tuple
     shape: tuple
     normalisation: str = "mask_mean"
+    image: str = "brain"
 
     @property
     def voxel_size(self) -> float:
@@ -41,14 +51,17 @@ class InputSpec:
 
     def as_dict(self) -> dict:
         return {"affine": [list(map(float, r)) for r in self.affine], "shape": list(self.shape),
-                "normalisation": self.normalisation}
+                "normalisation": self.normalisation, "image": self.image}
 
     @classmethod
     def from_dict(cls, d: dict) -> "InputSpec":
         if d["normalisation"] not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {d['normalisation']!r}")
+        image = d.get("image", "brain")
+        if image not in IMAGES:
+            raise ValueError(f"unknown input image {image!r}")
         return cls(tuple(tuple(r) for r in d["affine"]), tuple(int(s) for s in d["shape"]),
-                   d["normalisation"])
+                   d["normalisation"], image)
 
 
 def mni_box_grid(voxel_size: float) -> tuple[tuple, tuple]:
@@ -66,7 +79,19 @@ def mni_box_grid(voxel_size: float) -> tuple[tuple, tuple]:
     return tuple(tuple(r) for r in affine.tolist()), shape
 
 
-# FSL MNI152 1 mm grid (182x218x182, LAS voxel order) cropped [11:-11, 13:-13, 11:-11].
+# FSL MNI152 1 mm grid (182x218x182, LAS voxel order).
+FSL_MNI_1MM_AFFINE = ((-1.0, 0.0, 0.0, 90.0), (0.0, 1.0, 0.0, -126.0), (0.0, 0.0, 1.0, -72.0),
+                      (0, 0, 0, 1.0))
+FSL_MNI_1MM_SHAPE = (182, 218, 182)
+
+# The FLAIR-Brain-Age models read the whole head on the full FSL grid; resizing and cropping to
+# 118x142x118 are part of their normalisation.
+IRV2_FLAIR_INPUT = InputSpec(affine=FSL_MNI_1MM_AFFINE, shape=FSL_MNI_1MM_SHAPE,
+                             normalisation="flair_brain_age", image="head")
+IRV2_RESIZE = (121, 145, 121)
+IRV2_CROP = (118, 142, 118)
+
+# The FSL grid cropped [11:-11, 13:-13, 11:-11].
 UKB_INPUT = InputSpec(
     affine=((-1.0, 0.0, 0.0, 79.0), (0.0, 1.0, 0.0, -113.0), (0.0, 0.0, 1.0, -61.0), (0, 0, 0, 1.0)),
     shape=(160, 192, 160),
@@ -83,10 +108,15 @@ class LoadedModel:
     arch: str
     network: torch.nn.Module
     input: InputSpec
-    centres: np.ndarray
+    centres: np.ndarray | None  # age bins; None for networks that regress a scalar age
     sha256: str
     path: str
     card: dict = field(default_factory=dict)
+    modality: str | None = None  # T1w, FLAIR, or None when the file does not say
+
+    @property
+    def output(self) -> str:
+        return "scalar" if self.centres is None else "bins"
 
 
 def sha256sum(path: str | os.PathLike) -> str:
@@ -109,14 +139,25 @@ def build_sfcn(config: dict, dropout: float = 0.5) -> SFCN:
     return SFCN(channels=config["channels"], n_bins=len(bin_centres(lo, hi, width)), dropout=dropout)
 
 
-def save_checkpoint(path: str | os.PathLike, network: SFCN, name: str, config: dict, spec: InputSpec,
-                    card: dict | None = None) -> str:
+def build_network(arch: str, config: dict, dropout: float | None = None) -> torch.nn.Module:
+    """A network of our format from its architecture name and config."""
+    if arch == "sfcn":
+        return build_sfcn(config, 0.5 if dropout is None else dropout)
+    if arch == "irv2":
+        from .inception_resnet import InceptionResNetV2
+        return InceptionResNetV2(dropout=0.0 if dropout is None else dropout)
+    raise ValueError(f"unknown architecture {arch!r} (known: {', '.join(ARCHS)})")
+
+
+def save_checkpoint(path: str | os.PathLike, network: torch.nn.Module, name: str, config: dict,
+                    spec: InputSpec, card: dict | None = None, arch: str = "sfcn",
+                    modality: str = "T1w") -> str:
     """Write a checkpoint in our format atomically; return its sha256."""
     from ..utils.images import atomic_write_bytes
 
     payload = {
-        "format": FORMAT, "arch": "sfcn", "name": name, "config": config, "input": spec.as_dict(),
-        "card": card or {},
+        "format": FORMAT, "arch": arch, "name": name, "modality": modality, "config": config,
+        "input": spec.as_dict(), "card": card or {},
         "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
     }
     buf = io.BytesIO()
@@ -131,34 +172,66 @@ def _is_ukb_layout(state: dict) -> bool:
             and tuple(state["feature_extractor.conv_0.0.weight"].shape)[:2] == (UKB_CHANNELS[0], 1))
 
 
-def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = None) -> LoadedModel:
-    """Load a checkpoint (our format or the UK Biobank SFCN layout) for inference on ``device``."""
+def _is_irv2_layout(state: dict) -> bool:
+    return "features.0.features.0.conv.weight" in state and "linear.1.weight" in state
+
+
+def detect_layout(obj) -> str:
+    """``brainage-bids``, ``ukb-sfcn`` or ``flair-brain-age-irv2``; ValueError otherwise."""
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return FORMAT
+    if isinstance(obj, dict) and _is_ukb_layout(strip_module_prefix(obj)):
+        return "ukb-sfcn"
+    if isinstance(obj, dict) and _is_irv2_layout(strip_module_prefix(obj)):
+        return "flair-brain-age-irv2"
+    raise ValueError("not a brainage-bids checkpoint, a UK Biobank SFCN state_dict nor a "
+                     "FLAIR-Brain-Age Inception-ResNet-V2 state_dict")
+
+
+def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = None,
+               modality: str | None = None) -> LoadedModel:
+    """Load a checkpoint (our format or a published layout) for inference on ``device``.
+
+    ``name`` and ``modality`` override what the file says (published files say neither).
+    """
+    from .inception_resnet import InceptionResNetV2
+
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+    try:
+        layout = detect_layout(obj)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    card: dict = {}
+    if layout == FORMAT:
+        arch = obj.get("arch", "sfcn")
         config = obj["config"]
-        net = build_sfcn(config)
+        net = build_network(arch, config)
         net.load_state_dict(obj["state_dict"], strict=True)
         spec = InputSpec.from_dict(obj["input"])
-        centres = bin_centres(*config["bins"])
-        model_name = name or obj.get("name") or Path(path).stem
+        centres = bin_centres(*config["bins"]) if arch == "sfcn" else None
+        name = name or obj.get("name") or Path(path).stem
         card = obj.get("card", {})
-    elif isinstance(obj, dict) and _is_ukb_layout(strip_module_prefix(obj)):
+        modality = modality or obj.get("modality", "T1w")
+    elif layout == "ukb-sfcn":
         state = strip_module_prefix(obj)
         n_bins = state["classifier.conv_6.weight"].shape[0]
         if n_bins != 40:
             raise ValueError(f"{path}: SFCN layout with {n_bins} bins; only the 40-bin UK Biobank "
                              "model (42-82 years) is known for plain state_dicts")
-        net = SFCN(channels=UKB_CHANNELS, n_bins=40)
+        arch, net = "sfcn", SFCN(channels=UKB_CHANNELS, n_bins=40)
         net.load_state_dict(state, strict=True)
-        spec = UKB_INPUT
-        centres = bin_centres(*UKB_BINS)
-        model_name = name or Path(path).stem
-        card = {"source": "UK Biobank SFCN (Peng et al. 2021)"}
+        spec, centres = UKB_INPUT, bin_centres(*UKB_BINS)
+        card = {"source": "UK Biobank SFCN (Peng et al. 2021)", "age_range": [42.0, 82.0]}
+        modality = modality or "T1w"
     else:
-        raise ValueError(f"{path}: not a brainage-bids checkpoint nor a UK Biobank SFCN state_dict")
+        arch, net = "irv2", InceptionResNetV2(dropout=0.0)
+        net.load_state_dict(strip_module_prefix(obj), strict=True)
+        spec, centres = IRV2_FLAIR_INPUT, None
+        card = {"source": "FLAIR-Brain-Age 3D Inception-ResNet-V2"}
     net.eval().to(device)
-    return LoadedModel(name=model_name, arch="sfcn", network=net, input=spec, centres=centres,
-                       sha256=sha256sum(path), path=path, card=card)
+    return LoadedModel(name=name or Path(path).stem, arch=arch, network=net, input=spec,
+                       centres=centres, sha256=sha256sum(path), path=path, card=card,
+                       modality=modality)

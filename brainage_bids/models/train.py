@@ -36,6 +36,7 @@ class Example:
     path: str
     mask: str
     age: float
+    session_id: str | None = None
 
 
 def healthy_controls(participants: pd.DataFrame) -> set[str] | None:
@@ -92,12 +93,13 @@ def augment(x: torch.Tensor, rng: np.random.Generator, max_shift: int = 2, flip_
 
 
 def find_examples(bids_dir: Path, output_dir: Path, opts) -> list[Example]:
-    """Healthy-control T1w scans with an age and participant-level outputs in ``output_dir``."""
+    """Healthy-control scans (of ``opts.modalities``) with an age and participant-level outputs in ``output_dir``."""
     from ..workflows.outputs import derivative_paths
 
     scans: list[Scan] = collect_scans(bids_dir, opts.participant_label, opts.session_label,
                                       load_filters(opts.bids_filter_file),
-                                      validate=not opts.skip_bids_validation)
+                                      validate=not opts.skip_bids_validation,
+                                      modalities=opts.modalities)
     hc = healthy_controls(read_participants(bids_dir))
     examples, no_age, no_preproc = [], [], []
     for scan in scans:
@@ -110,7 +112,8 @@ def find_examples(bids_dir: Path, output_dir: Path, opts) -> list[Example]:
         if not (os.path.exists(paths["preproc"]) and os.path.exists(paths["mask"])):
             no_preproc.append(scan.relpath)
             continue
-        examples.append(Example(scan.participant_id, paths["preproc"], paths["mask"], float(scan.age)))
+        examples.append(Example(scan.participant_id, paths["preproc"], paths["mask"], float(scan.age),
+                                scan.session_id))
     if no_age:
         LOG.warning("%d scan(s) without an age are not used: %s", len(no_age), ", ".join(no_age[:10]))
     if no_preproc:
@@ -159,49 +162,61 @@ def recompute_batchnorm(net, x: np.ndarray, device: str, batch: int = 8) -> None
     net.eval()
 
 
-@torch.no_grad()
-def predict_batches(net, x: np.ndarray, centres: torch.Tensor, device: str, batch: int = 8):
-    net.eval()
-    means, sds = [], []
-    for i in range(0, len(x), batch):
-        logp = net(torch.from_numpy(x[i:i + batch]).to(device))
-        m, s = expected_age(logp, centres)
-        means.append(m.cpu().numpy())
-        sds.append(s.cpu().numpy())
-    return np.concatenate(means), np.concatenate(sds)
-
-
 def _card_markdown(card: dict) -> str:
     def fmt(m):
+        if not m.get("n"):
+            return "| 0 | n/a | n/a | n/a | n/a |"
         return (f"| {m['n']} | {m['mae']:.2f} | {m['r2']:.3f} | {m['pearson_r']:.3f} | "
                 f"{m['mean_error']:+.2f} |")
 
+    if card["arch"] == "sfcn":
+        model = (f"SFCN (Peng et al. 2021) with a soft-label output over {card['age_bins'][0]:g}-"
+                 f"{card['age_bins'][1]:g} years (one-year bins, Gaussian soft labels sigma 1, "
+                 "KL-divergence loss); brain age is the expectation of the output distribution.")
+        size = f"- Channels {card['channels']}, {card['parameters']:,} parameters."
+    else:
+        model = ("3D Inception-ResNet-V2 (the FLAIR-Brain-Age architecture) regressing age with an "
+                 "MSE loss; dropout 0.2 before the linear head during training.")
+        size = f"- {card['parameters']:,} parameters."
+    ens = card["ensemble"]
+    sp = card["splits"]
+    if ens["mode"] == "cv":
+        split_text = (f"- n = {sp['train_validation_pool']} for training in {ens['size']} "
+                      f"cross-validation folds (each member trains on {ens['size'] - 1} folds and "
+                      f"selects its epoch on the remaining one), {sp['test']} test; split by "
+                      f"participant, stratified by age, seed {card['seed']}")
+    else:
+        split_text = (f"- n = {sp['train']} train, {sp['validation']} validation, {sp['test']} test "
+                      f"(split by participant, stratified by age, seed {card['seed']})")
+    val_label = ("out-of-fold (each scan predicted by the member that did not train on it; also "
+                 "used for epoch selection)" if ens["mode"] == "cv" else "validation")
     lines = [
         f"# Model card: {card['name']}", "",
-        f"SFCN (Peng et al. 2021) with a soft-label output over {card['age_bins'][0]:g}-"
-        f"{card['age_bins'][1]:g} years (one-year bins, Gaussian soft labels sigma 1, KL-divergence "
-        "loss); brain age is the expectation of the output distribution.", "",
+        model, "",
+        *([f"Ensemble of {ens['size']} members ({'cross-validation folds' if ens['mode'] == 'cv' else 'different seeds'}); "
+           "the ensemble age is the members' mean."] if ens["size"] > 1 else []), "",
         "## Training data",
-        f"- Dataset: {card['training_data']['dataset']} ({card['training_data']['bids_dir']})",
+        f"- Dataset: {card['training_data']['dataset']} ({card['training_data']['bids_dir']}), "
+        f"{card['modality']} images",
         f"- Participants: {card['training_data']['selection']}",
-        f"- n = {card['splits']['train']} train, {card['splits']['validation']} validation, "
-        f"{card['splits']['test']} test (split by participant, stratified by age, seed "
-        f"{card['seed']}); ages {card['age_range'][0]:.1f}-{card['age_range'][1]:.1f} years",
+        f"{split_text}; ages {card['age_range'][0]:.1f}-{card['age_range'][1]:.1f} years",
         "",
         "## Input",
         f"- MNI152NLin2009aSym, affine registration, brain extracted, {card['input']['voxel_size']:g} mm "
         f"grid {'x'.join(map(str, card['input']['shape']))}, intensities divided by the mean inside "
         "the brain mask.",
-        f"- Channels {card['channels']}, {card['parameters']:,} parameters.", "",
+        size, "",
         "## Performance (uncorrected for age bias)", "",
         "| split | n | MAE (y) | R2 | Pearson r | mean error (y) |", "|---|---|---|---|---|---|",
-        "| validation " + fmt(card["validation"]),
+        f"| {val_label} " + fmt(card["validation"]),
         "| test (held out, never used for selection) " + fmt(card["test"]), "",
-        "## Training", f"- {card['epochs']} epochs (best validation epoch {card['best_epoch']}), "
+        *([ "| member | validation MAE | test MAE |", "|---|---|---|",
+            *[f"| {m['name']} | {m['validation']['mae']:.2f} | {m['test']['mae']:.2f} |"
+              for m in card["members"]], ""] if ens["size"] > 1 else []),
+        "## Training", f"- {card['epochs']} epochs per member (best validation epoch kept), "
         f"batch {card['batch_size']}, AdamW lr {card['learning_rate']:g} (cosine), weight decay "
         f"{card['weight_decay']:g}, augmentation: random shifts of up to 2 voxels and left-right flips; "
-        "BatchNorm statistics recomputed over the training scans after every epoch; the epoch with "
-        "the lowest validation MAE is kept.",
+        "BatchNorm statistics recomputed over the training scans after every epoch.",
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
         "## Limits",
@@ -217,61 +232,68 @@ def _card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, command: str) -> dict:
-    """Train, select on validation, score on test, write weights and the model card."""
+def kfold_split(ids: list[str], ages: list[float], k: int, seed: int) -> list[list[str]]:
+    """``k`` folds of participants, stratified by age (runs of k similar ages dealt at random)."""
+    rng = np.random.default_rng(seed)
+    order = [ids[i] for i in np.argsort(ages, kind="stable")]
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for start in range(0, len(order), k):
+        chunk = order[start:start + k]
+        for f, pid in zip(rng.permutation(k)[:len(chunk)], chunk):
+            folds[int(f)].append(pid)
+    return [sorted(f) for f in folds]
+
+
+def build_trainable(arch: str, config: dict, mean_age: float):
+    """A network to train; IRV2's final bias starts at the mean training age."""
+    from .checkpoint import build_network
+
+    if arch == "irv2":
+        net = build_network("irv2", config, dropout=0.2)
+        with torch.no_grad():
+            net.linear[1].bias.fill_(float(mean_age))
+        return net
+    return build_sfcn(config)
+
+
+def loss_fn(arch: str, out: torch.Tensor, ages: torch.Tensor, centres) -> torch.Tensor:
+    if arch == "irv2":
+        return torch.nn.functional.mse_loss(out.reshape(-1), ages)
+    return soft_label_loss(out, ages, centres, sigma=1.0)
+
+
+@torch.no_grad()
+def predict_net(arch: str, net, x: np.ndarray, centres, device: str, batch: int = 8):
+    """(ages, sds) of model-grid arrays [N, 1, ...]; SDs are NaN for scalar outputs."""
+    from .inference import predict_network
+
+    age, sd, _ = predict_network(net, list(x[:, 0]), None if arch == "irv2" else centres.cpu().numpy(),
+                                 device=device, precision="fp32", batch_size=batch)
+    return age, sd
+
+
+def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts, seed: int,
+               run_dir: Path, device: str, centres, label: str):
+    """Train one network, keep the epoch with the lowest validation MAE; resumable.
+
+    Returns (network with the best weights, best epoch (1-based), history).
+    """
     from tqdm import tqdm
 
-    t0 = time.time()
-    device = resolve_device(opts.device)
-    torch.set_num_threads(opts.omp_nthreads)
-    torch.manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
-
-    examples = find_examples(bids_dir, output_dir, opts)
-    by_pid: dict[str, list[Example]] = {}
-    for ex in examples:
-        by_pid.setdefault(ex.participant_id, []).append(ex)
-    if len(by_pid) < 10:
-        from ..cli.parser import EXIT_NO_INPUT, UsageError
-
-        raise UsageError(f"only {len(by_pid)} participants usable for training (need at least 10)",
-                         EXIT_NO_INPUT)
-    pids = sorted(by_pid)
-    mean_age = [float(np.mean([e.age for e in by_pid[p]])) for p in pids]
-    test_ids, rest = stratified_split(pids, mean_age, opts.test_fraction, opts.seed)
-    rest_age = [float(np.mean([e.age for e in by_pid[p]])) for p in rest]
-    val_ids, train_ids = stratified_split(rest, rest_age, opts.val_fraction, opts.seed + 1)
-    split = {"train": train_ids, "validation": val_ids, "test": test_ids}
-    LOG.info("participants: %d train, %d validation, %d test", *map(len, split.values()))
-
-    affine, shape = mni_box_grid(opts.voxel_size)
-    if min(shape) < 32:
-        from ..cli.parser import UsageError
-
-        raise UsageError(f"--voxel-size {opts.voxel_size} gives a {shape} grid; SFCN's five 2x "
-                         "poolings need at least 32 voxels per axis (voxel size <= 5 mm)")
-    spec = InputSpec(affine, shape, "mask_mean")
-    cache = work_dir / "train_cache"
-    data = {k: [e for p in v for e in by_pid[p]] for k, v in split.items()}
-    xs = {k: load_arrays(v, spec, cache) if v else None for k, v in data.items()}
-    ys = {k: np.array([e.age for e in v], dtype=np.float32) for k, v in data.items()}
-
-    config = {"channels": list(opts.channels), "bins": [opts.age_bins[0], opts.age_bins[1], 1.0]}
-    centres = torch.as_tensor(bin_centres(*config["bins"]), dtype=torch.float32, device=device)
-    net = build_sfcn(config).to(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = build_trainable(arch, config, float(np.mean(y_train))).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate,
                                   weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=opts.epochs)
-
-    run_dir = work_dir / f"train_{opts.model_name}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    state_file = run_dir / "last.pt"
-    best_file = run_dir / "best.pt"
-    signature = {"split": split, "config": config, "seed": opts.seed, "epochs": opts.epochs,
+    state_file, best_file = run_dir / "last.pt", run_dir / "best.pt"
+    signature = {"arch": arch, "config": config, "seed": seed, "epochs": opts.epochs,
                  "batch_size": opts.batch_size, "lr": opts.learning_rate, "voxel": opts.voxel_size,
-                 "weight_decay": opts.weight_decay, "recipe": "drop-last, batchnorm recomputed per epoch"}
-    start_epoch, best = 0, {"mae": math.inf, "epoch": -1}
-    history = []
+                 "weight_decay": opts.weight_decay, "n_train": len(y_train),
+                 "train_ages": float(np.sum(y_train)), "val_ages": float(np.sum(y_val)),
+                 "recipe": "drop-last, batchnorm recomputed per epoch"}
+    start_epoch, best, history = 0, {"mae": math.inf, "epoch": -1}, []
     if state_file.exists():
         st = torch.load(state_file, map_location=device, weights_only=False)
         if st.get("signature") == signature:
@@ -281,86 +303,223 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
             rng.bit_generator.state = st["rng"]
             torch.set_rng_state(st["torch_rng"])
             start_epoch, best, history = st["epoch"] + 1, st["best"], st["history"]
-            LOG.warning("resuming %s from epoch %d", opts.model_name, start_epoch)
+            LOG.warning("resuming %s from epoch %d", label, start_epoch)
         else:
             LOG.warning("%s holds a run with other settings; starting afresh", state_file)
-
-    n_train = len(xs["train"])
+    n_train = len(x_train)
     for epoch in range(start_epoch, opts.epochs):
         net.train()
         order = rng.permutation(n_train)
         losses = []
-        bar = tqdm(range(0, n_train, opts.batch_size), desc=f"epoch {epoch + 1}/{opts.epochs}",
+        bar = tqdm(range(0, n_train, opts.batch_size), desc=f"{label} epoch {epoch + 1}/{opts.epochs}",
                    unit="batch", leave=False, disable=None)
         for i in bar:
             idx = order[i:i + opts.batch_size]
             if len(idx) < min(opts.batch_size, n_train):  # drop the incomplete last batch
                 continue
-            xb = augment(torch.from_numpy(xs["train"][idx]), rng).to(device)
-            yb = torch.from_numpy(ys["train"][idx]).to(device)
-            loss = soft_label_loss(net(xb), yb, centres, sigma=1.0)
+            xb = augment(torch.from_numpy(x_train[idx]), rng).to(device)
+            yb = torch.from_numpy(y_train[idx]).to(device)
+            loss = loss_fn(arch, net(xb), yb, centres)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         scheduler.step()
-        recompute_batchnorm(net, xs["train"], device)
-        pred, _ = predict_batches(net, xs["validation"], centres, device)
-        val = metrics(ys["validation"], pred)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), "val_mae": val["mae"]})
+        recompute_batchnorm(net, x_train, device)
+        pred, _ = predict_net(arch, net, x_val, centres, device)
+        val = metrics(y_val, pred)
+        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                        "val_mae": val["mae"]})
         if val["mae"] < best["mae"]:
             best = {"mae": val["mae"], "epoch": epoch}
             torch.save(net.state_dict(), best_file)
-        LOG.warning("epoch %d/%d loss %.3f validation MAE %.2f (best %.2f at %d)", epoch + 1,
-                    opts.epochs, history[-1]["loss"], val["mae"], best["mae"], best["epoch"] + 1)
+        LOG.warning("%s epoch %d/%d loss %.3f validation MAE %.2f (best %.2f at %d)", label,
+                    epoch + 1, opts.epochs, history[-1]["loss"], val["mae"], best["mae"],
+                    best["epoch"] + 1)
         torch.save({"signature": signature, "model": net.state_dict(),
                     "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
                     "epoch": epoch, "best": best, "history": history}, str(state_file) + ".tmp")
         os.replace(str(state_file) + ".tmp", state_file)
-
     net.load_state_dict(torch.load(best_file, map_location=device, weights_only=True))
-    results = {}
-    for k in ("validation", "test"):
-        if xs[k] is None:
-            results[k] = {"n": 0, "mae": float("nan"), "r2": float("nan"), "pearson_r": float("nan"),
-                          "mean_error": float("nan")}
-            continue
-        pred, sd = predict_batches(net, xs[k], centres, device)
-        results[k] = metrics(ys[k], pred)
-        results[k]["mean_sd"] = float(np.mean(sd))
-        results[k]["predictions"] = [
-            {"participant_id": e.participant_id, "age": e.age, "predicted_age": float(p)}
-            for e, p in zip(data[k], pred)]
-    all_ages = np.concatenate([ys[k] for k in ("train", "validation")])
+    return net.eval(), best["epoch"] + 1, history
+
+
+def _nan_metrics() -> dict:
+    return {"n": 0, "mae": float("nan"), "r2": float("nan"), "pearson_r": float("nan"),
+            "mean_error": float("nan")}
+
+
+def _member_plan(pids: list[str], ages: list[float], opts) -> list[dict]:
+    """Train/validation participants of each member (single, seeds or cv folds)."""
+    if opts.ensemble_mode == "cv":
+        folds = kfold_split(pids, ages, opts.ensemble_size, opts.seed + 1)
+        if min(len(f) for f in folds) < 2:
+            from ..cli.parser import EXIT_NO_INPUT, UsageError
+            raise UsageError(f"{opts.ensemble_size} folds of {len(pids)} participants leave a fold "
+                             "with fewer than 2", EXIT_NO_INPUT)
+        return [{"train": sorted(set(pids) - set(f)), "validation": f, "seed": opts.seed + k,
+                 "fold": k + 1} for k, f in enumerate(folds)]
+    val_ids, train_ids = stratified_split(pids, ages, opts.val_fraction, opts.seed + 1)
+    return [{"train": train_ids, "validation": val_ids, "seed": opts.seed + k, "fold": None}
+            for k in range(opts.ensemble_size)]
+
+
+def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, command: str) -> dict:
+    """Train a model or an ensemble, select on validation, score on test, write weights, the
+    model card and the out-of-fold (or validation) predictions of the healthy controls."""
+    from .zoo import write_ensemble_manifest
+
+    t0 = time.time()
+    device = resolve_device(opts.device)
+    torch.set_num_threads(opts.omp_nthreads)
+    if len(opts.modalities) != 1:
+        from ..cli.parser import UsageError
+        raise UsageError("train one modality at a time: --modalities T1w or --modalities FLAIR")
+    modality = opts.modalities[0]
+    arch = getattr(opts, "arch", "sfcn")
+
+    examples = find_examples(bids_dir, output_dir, opts)
+    by_pid: dict[str, list[Example]] = {}
+    for ex in examples:
+        by_pid.setdefault(ex.participant_id, []).append(ex)
+    if len(by_pid) < 10:
+        from ..cli.parser import EXIT_NO_INPUT, UsageError
+
+        raise UsageError(f"only {len(by_pid)} participants with {modality} outputs usable for "
+                         "training (need at least 10)", EXIT_NO_INPUT)
+    pids = sorted(by_pid)
+    mean_age = {p: float(np.mean([e.age for e in by_pid[p]])) for p in pids}
+    test_ids, rest = stratified_split(pids, [mean_age[p] for p in pids], opts.test_fraction, opts.seed)
+    plan = _member_plan(rest, [mean_age[p] for p in rest], opts)
+    LOG.info("%s %s, %d member(s) (%s): %d test participants, %d for training/validation", arch,
+             modality, len(plan), opts.ensemble_mode, len(test_ids), len(rest))
+
+    affine, shape = mni_box_grid(opts.voxel_size)
+    if min(shape) < 32:
+        from ..cli.parser import UsageError
+
+        raise UsageError(f"--voxel-size {opts.voxel_size} gives a {shape} grid; the networks' five "
+                         "2x reductions need at least 32 voxels per axis (voxel size <= 5 mm)")
+    spec = InputSpec(affine, shape, "mask_mean")
+    cache = work_dir / "train_cache"
+    rows = lambda ids: [e for p in ids for e in by_pid[p]]  # noqa: E731
+    pool = rows(rest)
+    x_pool = load_arrays(pool, spec, cache)
+    y_pool = np.array([e.age for e in pool], dtype=np.float32)
+    index = {id(e): i for i, e in enumerate(pool)}
+    test = rows(test_ids)
+    x_test = load_arrays(test, spec, cache) if test else None
+    y_test = np.array([e.age for e in test], dtype=np.float32)
+
+    config = ({"channels": list(opts.channels), "bins": [opts.age_bins[0], opts.age_bins[1], 1.0]}
+              if arch == "sfcn" else {})
+    centres = (torch.as_tensor(bin_centres(*config["bins"]), dtype=torch.float32, device=device)
+               if arch == "sfcn" else None)
+    out_dir = output_dir / "models" / opts.model_name
+    members, oof, test_preds = [], [], []
+    for k, m in enumerate(plan):
+        label = opts.model_name if len(plan) == 1 else f"{opts.model_name}-m{k + 1}"
+        tr = [index[id(e)] for e in rows(m["train"])]
+        va = [index[id(e)] for e in rows(m["validation"])]
+        net, best_epoch, history = fit_member(
+            arch, config, x_pool[tr], y_pool[tr], x_pool[va], y_pool[va], opts=opts, seed=m["seed"],
+            run_dir=work_dir / f"train_{label}", device=device, centres=centres, label=label)
+        val_pred, val_sd = predict_net(arch, net, x_pool[va], centres, device)
+        for j, p, sd in zip(va, val_pred, val_sd):
+            e = pool[j]
+            oof.append({"participant_id": e.participant_id, "session_id": e.session_id,
+                        "suffix": modality, "model": label, "chronological_age": e.age,
+                        "predicted_age": round(float(p), 4),
+                        "predicted_age_sd": None if not np.isfinite(sd) else round(float(sd), 4),
+                        "fold": m["fold"] if m["fold"] is not None else "validation"})
+        member = {"name": label, "seed": m["seed"], "fold": m["fold"], "best_epoch": best_epoch,
+                  "history": history, "splits": {"train": len(m["train"]),
+                                                 "validation": len(m["validation"])},
+                  "validation": metrics(y_pool[va], val_pred)}
+        if x_test is not None:
+            tp, tsd = predict_net(arch, net, x_test, centres, device)
+            test_preds.append((tp, tsd))
+            member["test"] = metrics(y_test, tp)
+        else:
+            member["test"] = _nan_metrics()
+        member["net"] = net.cpu()
+        members.append(member)
+
+    results = {"validation": metrics([r["chronological_age"] for r in oof],
+                                     [r["predicted_age"] for r in oof]) if oof else _nan_metrics()}
+    if test_preds:
+        from .inference import ensemble
+
+        ens = [ensemble([tp[i] for tp, _ in test_preds], [ts[i] for _, ts in test_preds])
+               for i in range(len(y_test))]
+        results["test"] = metrics(y_test, [a for a, _ in ens])
+        results["test"]["predictions"] = [
+            {"participant_id": e.participant_id, "age": e.age, "predicted_age": round(a, 4),
+             "members": [round(float(tp[i]), 4) for tp, _ in test_preds]}
+            for i, (e, (a, _)) in enumerate(zip(test, ens))]
+    else:
+        results["test"] = _nan_metrics()
+
+    all_ages = y_pool
+    net0 = members[0]["net"]
     card = {
-        "name": opts.model_name, "architecture": "SFCN", "software_version": __version__,
+        "name": opts.model_name, "architecture": "SFCN" if arch == "sfcn" else
+        "3D Inception-ResNet-V2", "arch": arch, "modality": modality,
+        "software_version": __version__,
         "training_data": {"dataset": _dataset_name(bids_dir), "bids_dir": str(bids_dir),
                           "selection": "participants with diagnosis HC" if healthy_controls(
                               read_participants(bids_dir)) is not None else "all participants"},
-        "splits": {k: len(v) for k, v in split.items()}, "split_participants": split,
+        "ensemble": {"size": len(plan), "mode": opts.ensemble_mode},
+        "splits": ({"train_validation_pool": len(rest), "test": len(test_ids)}
+                   if opts.ensemble_mode == "cv" else
+                   {"train": len(plan[0]["train"]), "validation": len(plan[0]["validation"]),
+                    "test": len(test_ids)}),
+        "split_participants": {
+            "test": test_ids,
+            **({"train": plan[0]["train"], "validation": plan[0]["validation"]}
+               if opts.ensemble_mode != "cv" else {}),
+            "members": [{"train": m["train"], "validation": m["validation"]} for m in plan]},
         "age_range": [float(all_ages.min()), float(all_ages.max())],
-        "age_bins": config["bins"][:2], "channels": config["channels"],
-        "parameters": int(sum(p.numel() for p in net.parameters())),
+        "age_bins": config.get("bins", [None, None])[:2], "channels": config.get("channels"),
+        "parameters": int(sum(p.numel() for p in net0.parameters())),
         "input": {"space": "MNI152NLin2009aSym", "voxel_size": opts.voxel_size, "shape": list(shape),
                   "normalisation": "mean inside the brain mask"},
         "validation": results["validation"], "test": results["test"],
-        "epochs": opts.epochs, "best_epoch": best["epoch"] + 1, "batch_size": opts.batch_size,
-        "learning_rate": opts.learning_rate, "weight_decay": opts.weight_decay, "seed": opts.seed,
-        "device": device, "training_seconds": time.time() - t0, "history": history,
-        "command": command,
+        "members": [{k: v for k, v in m.items() if k != "net"} for m in members],
+        "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
+        "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
+        "weight_decay": opts.weight_decay, "seed": opts.seed, "device": device,
+        "training_seconds": time.time() - t0, "history": members[0]["history"], "command": command,
     }
-    out_dir = output_dir / "models" / opts.model_name
-    weights = out_dir / f"{opts.model_name}.pt"
-    small_card = {k: card[k] for k in ("name", "age_range", "age_bins", "training_data")}
+    small_card = {k: card[k] for k in ("name", "age_range", "age_bins", "training_data", "modality")}
     small_card["test_mae"] = results["test"]["mae"]
-    card["sha256"] = save_checkpoint(weights, net.cpu(), opts.model_name, config, spec, small_card)
-    card["weights"] = str(weights)
+    files = []
+    for m in members:
+        f = out_dir / f"{m['name']}.pt"
+        m_card = dict(small_card, name=m["name"])
+        digest = save_checkpoint(f, m["net"], m["name"], config, spec, m_card, arch=arch,
+                                 modality=modality)
+        files.append(f)
+        card["members"][members.index(m)]["sha256"] = digest
+    if len(members) == 1:
+        card["sha256"] = card["members"][0]["sha256"]
+        card["weights"] = str(files[0])
+    else:
+        manifest = out_dir / f"{opts.model_name}.json"
+        write_ensemble_manifest(manifest, opts.model_name, modality, files)
+        card["weights"] = str(manifest)
+    oof_df = pd.DataFrame(oof, columns=["participant_id", "session_id", "suffix", "model",
+                                        "chronological_age", "predicted_age", "predicted_age_sd",
+                                        "fold"])
+    atomic_write_text(out_dir / "oof_predictions.tsv", oof_df.to_csv(sep="\t", index=False,
+                                                                      na_rep="n/a"))
     atomic_write_text(out_dir / f"{opts.model_name}_card.json", json.dumps(card, indent=2) + "\n")
     atomic_write_text(out_dir / f"{opts.model_name}_card.md", _card_markdown(card))
     LOG.warning("test MAE %.2f, R2 %.3f, r %.3f (n=%d); weights %s", results["test"]["mae"],
-                results["test"]["r2"], results["test"]["pearson_r"], results["test"]["n"], weights)
+                results["test"]["r2"], results["test"]["pearson_r"], results["test"]["n"],
+                card["weights"])
     return card
 
 

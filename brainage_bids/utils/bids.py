@@ -15,7 +15,11 @@ from .images import atomic_write_text
 # Entities of the source image that name its derivatives, in BIDS order.
 SOURCE_ENTITIES = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"),
                    ("ceagent", "ce"), ("reconstruction", "rec"), ("run", "run"))
-DEFAULT_FILTERS = {"t1w": {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}}
+DEFAULT_FILTERS = {
+    "t1w": {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]},
+    "flair": {"datatype": "anat", "suffix": "FLAIR", "extension": [".nii", ".nii.gz"]},
+}
+MODALITIES = ("T1w", "FLAIR")
 
 
 class BIDSInputError(Exception):
@@ -166,9 +170,12 @@ def load_filters(path: str | None) -> dict:
         except (OSError, json.JSONDecodeError) as exc:
             raise BIDSInputError(f"--bids-filter-file {path}: {exc}", 64) from exc
         for key, value in user.items():
-            if key.lower() != "t1w":
-                raise BIDSInputError(f"--bids-filter-file {path}: unknown query {key!r} (known: t1w)", 64)
-            filters["t1w"].update(value)
+            if key.lower() not in filters:
+                raise BIDSInputError(f"--bids-filter-file {path}: unknown query {key!r} "
+                                     f"(known: {', '.join(filters)})", 64)
+            if not isinstance(value, dict):
+                raise BIDSInputError(f"--bids-filter-file {path}: query {key!r} must be an object", 64)
+            filters[key.lower()].update(value)
     return filters
 
 
@@ -181,8 +188,9 @@ def _narrow(labels: list[str], allowed) -> list[str]:
 
 
 def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_labels=None,
-                  filters: dict | None = None, validate: bool = True) -> list[Scan]:
-    """Index every T1w image matching the filters with PyBIDS.
+                  filters: dict | None = None, validate: bool = True,
+                  modalities=("T1w",)) -> list[Scan]:
+    """Index every image of the given modalities (T1w, FLAIR) matching the filters with PyBIDS.
 
     Raises BIDSInputError: 16 when validation fails, 66 when the dataset has no subjects or a
     requested participant is absent, 18 when the filters match no image.
@@ -204,16 +212,21 @@ def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_
         if missing:
             raise BIDSInputError(f"participant(s) not found in {bids_dir}: {', '.join(missing)}", 66)
         subjects = wanted
-    query = dict((filters or DEFAULT_FILTERS)["t1w"])
-    # A subject or session in the filter file narrows the command-line selection, not replaces it.
-    query["subject"] = _narrow(subjects, query.get("subject"))
-    if session_labels:
-        query["session"] = _narrow([s[4:] if s.startswith("ses-") else s for s in session_labels],
-                                   query.get("session"))
-    emptied = [k for k in ("subject", "session") if isinstance(query.get(k), list) and not query[k]]
-    files = [] if emptied else layout.get(return_type="object", **query)
+    files, queries = [], []
+    for modality in modalities:
+        query = dict((filters or DEFAULT_FILTERS)[modality.lower()])
+        # A subject or session in the filter file narrows the command-line selection.
+        query["subject"] = _narrow(subjects, query.get("subject"))
+        if session_labels:
+            query["session"] = _narrow([s[4:] if s.startswith("ses-") else s for s in session_labels],
+                                       query.get("session"))
+        emptied = [k for k in ("subject", "session") if isinstance(query.get(k), list) and not query[k]]
+        queries.append(query)
+        if not emptied:
+            files += layout.get(return_type="object", **query)
     if not files:
-        raise BIDSInputError(f"no T1w image matches the filters {query} in {bids_dir}", 18)
+        raise BIDSInputError(f"no {'/'.join(modalities)} image matches the filters "
+                             f"{queries if len(queries) > 1 else queries[0]} in {bids_dir}", 18)
     participants = read_participants(bids_dir)
     scans = []
     for f in sorted(files, key=lambda x: x.path):

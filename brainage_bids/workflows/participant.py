@@ -9,7 +9,7 @@ from nipype.pipeline import engine as pe
 
 from ..utils.bids import Scan
 from .outputs import init_ds_brainage_wf, init_ds_preproc_wf
-from .predict import init_predict_wf
+from .predict import init_predict_wf, needs_head
 from .preproc import init_preproc_wf
 
 
@@ -21,31 +21,39 @@ def crash_dir(output_dir: str, participant_id: str, run_id: str) -> str:
     return os.path.join(os.path.abspath(output_dir), participant_id, "log", run_id)
 
 
+def models_for(scan: Scan, models: list | None) -> list:
+    """The model requests that run on a scan: those of its modality or of unknown modality."""
+    return [r for r in models or [] if r.modality in (scan.suffix, None)]
+
+
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
-                 model_file: str | None, skull_strip: str, device: str, omp_nthreads: int,
-                 name: str | None = None):
-    """Preprocess one scan, write its MNI outputs and, when a model is given, predict and write
-    its brain-age table."""
+                 models: list | None, skull_strip: str, device: str, omp_nthreads: int,
+                 precision: str = "fast", name: str | None = None):
+    """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
+    write its brain-age table."""
     wf = pe.Workflow(name=name or f"scan_{_safe(scan.prefix)}_{scan.suffix}")
+    models = models_for(scan, models)
+    head = bool(models) and needs_head(models)
     preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
                                  skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-                                 source_file=scan.path)
+                                 source_file=scan.path, head=head)
     preproc_wf.inputs.inputnode.in_file = scan.path
     ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip)
     wf.connect([(preproc_wf, ds_preproc_wf, [
         ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
         ("outputnode.registration_report", "inputnode.registration_report")])])
-    if model_file:
+    if models:
         predict_wf = init_predict_wf(
-            model_file=model_file, participant_id=scan.participant_id, session_id=scan.session_id,
+            models=models, participant_id=scan.participant_id, session_id=scan.session_id,
             source_file=scan.relpath, suffix=scan.suffix, age=scan.age, device=device,
-            omp_nthreads=omp_nthreads)
+            omp_nthreads=omp_nthreads, precision=precision)
         ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir)
         wf.connect([
             (preproc_wf, predict_wf, [
                 ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
                 ("outputnode.registration_correlation", "inputnode.registration_correlation"),
-                ("outputnode.mask_volume_ml", "inputnode.mask_volume_ml")]),
+                ("outputnode.mask_volume_ml", "inputnode.mask_volume_ml")]
+                + ([("outputnode.head", "inputnode.head")] if head else [])),
             (predict_wf, ds_brainage_wf, [("outputnode.out_tsv", "inputnode.out_tsv"),
                                           ("outputnode.out_json", "inputnode.out_json")]),
         ])
@@ -66,9 +74,9 @@ def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir
 
 
 def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_id: str,
-                     template: str, template_mask: str, model_file: str | None,
+                     template: str, template_mask: str, models: list | None,
                      skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
-                     name: str = "brainage_wf"):
+                     precision: str = "fast", name: str = "brainage_wf"):
     """The participant level over all selected scans, one sub-workflow per participant."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
     by_subject: dict[str, list[Scan]] = {}
@@ -77,6 +85,7 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
     for participant_id, subject_scans in sorted(by_subject.items()):
         wf.add_nodes([init_single_subject_wf(
             participant_id=participant_id, scans=subject_scans, output_dir=output_dir, run_id=run_id,
-            template=template, template_mask=template_mask, model_file=model_file,
-            skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads)])
+            template=template, template_mask=template_mask, models=models,
+            skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
+            precision=precision)])
     return wf

@@ -1,27 +1,34 @@
 """Brain-age prediction from preprocessed MNI images."""
 from __future__ import annotations
 
+from functools import lru_cache
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.predict import PredictAge
 
 
-def init_predict_wf(*, model_file: str, participant_id: str, session_id: str | None,
+def init_predict_wf(*, models: list, participant_id: str, session_id: str | None,
                     source_file: str, suffix: str, age: float | None, device: str = "cpu",
-                    omp_nthreads: int = 1, name: str = "predict_wf"):
-    """Predict brain age with one model.
+                    omp_nthreads: int = 1, precision: str = "fast", name: str = "predict_wf"):
+    """Predict brain age with every member of ``models`` (zoo.ModelRequest) on one scan.
 
-    Inputs: ``preproc``, ``mask``, ``registration_correlation``, ``mask_volume_ml``.
-    Outputs: ``out_tsv`` (one row, DESIGN.md columns), ``out_json`` (its sidecar),
-    ``out_distribution`` (bin centres and probabilities).
+    One row per member; with more than one member, an ensemble row.
+    Inputs: ``preproc``, ``mask``, ``head`` (optional), ``registration_correlation``,
+    ``mask_volume_ml``. Outputs: ``out_tsv``, ``out_json``, ``out_distribution``.
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc", "mask", "registration_correlation", "mask_volume_ml"]), name="inputnode")
+        fields=["preproc", "mask", "head", "registration_correlation", "mask_volume_ml"]),
+        name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json", "out_distribution"]),
                          name="outputnode")
-    predict = pe.Node(PredictAge(model_file=model_file, device=device, num_threads=omp_nthreads,
+    members = [m for r in models for m in r.members]
+    predict = pe.Node(PredictAge(model_files=[m[1] for m in members],
+                                 model_names=[m[0] for m in members],
+                                 model_modalities=[m[2] or "" for m in members],
+                                 device=device, precision=precision, num_threads=omp_nthreads,
                                  participant_id=participant_id, session_id=session_id or "",
                                  source_file=source_file, suffix=suffix),
                       name="predict", n_procs=omp_nthreads)
@@ -34,4 +41,19 @@ def init_predict_wf(*, model_file: str, participant_id: str, session_id: str | N
         (predict, outputnode, [("out_tsv", "out_tsv"), ("out_json", "out_json"),
                                ("out_distribution", "out_distribution")]),
     ])
+    if needs_head(models):
+        wf.connect(inputnode, "head", predict, "head_file")
     return wf
+
+
+@lru_cache(maxsize=None)
+def input_image(path: str) -> str:
+    """``brain`` or ``head``: what the checkpoint at ``path`` reads."""
+    from ..models.checkpoint import load_model
+
+    return load_model(path).input.image
+
+
+def needs_head(models: list) -> bool:
+    """Whether any member reads the whole head (published FLAIR-Brain-Age recipe)."""
+    return any(input_image(m[1]) == "head" for r in models for m in r.members)

@@ -4,14 +4,14 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces.ants import N4InMask, RegisterToTemplate
+from ..interfaces.ants import ApplyToTemplate, N4InMask, RegisterToTemplate
 from ..interfaces.bids import ValidateImage
 from ..interfaces.skullstrip import SkullStrip
 
 
 def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "deepbet",
                     device: str = "cpu", omp_nthreads: int = 1, source_file: str = "",
-                    name: str = "preproc_wf"):
+                    head: bool = False, name: str = "preproc_wf"):
     """Bring one structural image to MNI152NLin2009aSym (1 mm), brain only, mean 1 in the mask.
 
     Parameters
@@ -21,15 +21,17 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     device : device for deep-learning skull stripping.
     omp_nthreads : threads for ITK and PyTorch within one node.
     source_file : the BIDS input, named in error messages.
+    head : also bring the bias-corrected whole head to MNI (for models that read the head).
 
     Inputs: ``in_file``. Outputs: ``preproc`` (MNI image), ``mask`` (MNI brain mask),
-    ``transform`` (native-to-MNI affine), ``registration_correlation``, ``mask_volume_ml``.
+    ``transform`` (native-to-MNI affine), ``registration_correlation``, ``mask_volume_ml``,
+    ``head`` (MNI whole head, when ``head``).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["preproc", "mask", "transform", "registration_correlation", "mask_volume_ml",
-                "registration_report"]), name="outputnode")
+                "registration_report", "head"]), name="outputnode")
     validate = pe.Node(ValidateImage(), name="validate")
     strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file),
                     name="skull_strip", n_procs=omp_nthreads)
@@ -49,4 +51,11 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
                                 ("registration_correlation", "registration_correlation"),
                                 ("out_report", "registration_report")]),
     ])
+    if head:
+        head_to_mni = pe.Node(ApplyToTemplate(template=template), name="head_to_mni")
+        wf.connect([
+            (n4, head_to_mni, [("out_head", "in_file")]),
+            (register, head_to_mni, [("out_transform", "transform")]),
+            (head_to_mni, outputnode, [("out_file", "head")]),
+        ])
     return wf

@@ -1,0 +1,279 @@
+"""The model zoo: named models, where their weights come from, and the local cache.
+
+Nothing is downloaded at run time. Published weights are fetched by the user from the URL of the
+entry and registered with ``brainage-bids models install NAME --from FILE``, which checks the
+file's layout by strict loading (and its sha256 when the entry records one) and copies it into the
+cache: ``$BRAINAGE_BIDS_MODELS`` if set, else ``$XDG_CACHE_HOME/brainage-bids/models`` (default
+``~/.cache/brainage-bids/models``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import IRV2_FLAIR_INPUT, UKB_INPUT, InputSpec, detect_layout, mni_box_grid, sha256sum
+
+PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
+CACHE_ENV = "BRAINAGE_BIDS_MODELS"
+
+FLAIR_BRAIN_AGE_URL = "https://drive.google.com/drive/folders/1yp8r0ssYllz11cT-fDTNmC2vSXR5f7II"
+FLAIR_BRAIN_AGE_CITATION = ("Brain age estimation on T2-FLAIR scans for application to multiple "
+                            "sclerosis. Human Brain Mapping (2026); code: "
+                            "github.com/jordan-colman/FLAIR-Brain-Age")
+FLAIR_BRAIN_AGE_RECIPE = ("N4; affine to the whole-head FSL MNI152 1 mm template, no skull "
+                          "stripping; z-score over non-zero voxels; trilinear resize to "
+                          "121x145x121; min-max to [0, 1]; centre crop 118x142x118")
+IXI_GRID = mni_box_grid(2.0)
+
+
+class ModelNotInstalled(LookupError):
+    """A zoo model whose weights are not in the cache; the message says how to install them."""
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    arch: str                 # sfcn | irv2 | ensemble
+    modality: str             # T1w | FLAIR
+    output: str               # bins | scalar | ensemble
+    recipe: str               # preprocessing the weights expect
+    input: InputSpec | None
+    licence: str
+    citation: str
+    url: str = ""
+    filename: str = ""        # the file name the publisher uses
+    sha256: str | None = None  # None: the publisher gives no digest
+    bundled: str = ""         # file inside the package
+    members: tuple = ()       # ensembles: names of member entries
+    notes: str = ""
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d["input"] = None if self.input is None else self.input.as_dict()
+        d["members"] = list(self.members)
+        return d
+
+
+def _flair_member(epoch: int) -> ZooEntry:
+    return ZooEntry(
+        name=f"flair-brain-age-flair-e{epoch}", arch="irv2", modality="FLAIR", output="scalar",
+        recipe=FLAIR_BRAIN_AGE_RECIPE, input=IRV2_FLAIR_INPUT, licence="MIT",
+        citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL,
+        filename=f"best_MSE_model_inception_flair_r2_e{epoch}.pth",
+        notes="one member of the published 5-model FLAIR ensemble (test MAE 3.31 single)")
+
+
+FLAIR_EPOCHS = (3, 4, 6, 7, 10)
+
+REGISTRY: dict[str, ZooEntry] = {e.name: e for e in [
+    ZooEntry(
+        name="ixi-sfcn-2mm", arch="sfcn", modality="T1w", output="bins",
+        recipe="skull strip (deepbet); N4 in the mask; affine to MNI152NLin2009aSym; divided by "
+               "the mean in the brain mask; 2 mm 80x96x80 grid",
+        input=InputSpec(*IXI_GRID, normalisation="mask_mean"), licence="Apache-2.0 (weights "
+        "trained on IXI, CC BY-SA 3.0)", citation="brainage-bids; IXI dataset (brain-development.org)",
+        bundled="ixi-sfcn-2mm.pt",
+        sha256="a6078bc345fe6ce57f63bf17b3dcf63a27786e1f9e3c19cedad5fd8173371fd7",
+        notes="default T1w model; held-out test MAE 7.04 years (see its model card)"),
+    ZooEntry(
+        name="ukb-sfcn", arch="sfcn", modality="T1w", output="bins",
+        recipe="skull strip; affine to the FSL MNI152 1 mm grid; divided by the whole-volume "
+               "mean; crop [11:-11, 13:-13, 11:-11] -> 160x192x160",
+        input=UKB_INPUT, licence="MIT",
+        citation="Peng H, et al. Accurate brain age prediction with lightweight deep neural "
+                 "networks. Medical Image Analysis 68 (2021) 101871",
+        url="https://github.com/ha-ha-ha-han/UKBiobank_deep_pretrain/raw/4e56dc15/brain_age/"
+            "run_20190719_00_epoch_best_mae.p",
+        filename="run_20190719_00_epoch_best_mae.p",
+        notes="UK Biobank, ages 44-80 (40 one-year bins 42-82); test MAE 2.14 there"),
+    *[_flair_member(e) for e in FLAIR_EPOCHS],
+    ZooEntry(
+        name="flair-brain-age-flair", arch="ensemble", modality="FLAIR", output="ensemble",
+        recipe=FLAIR_BRAIN_AGE_RECIPE, input=IRV2_FLAIR_INPUT, licence="MIT",
+        citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL,
+        members=tuple(f"flair-brain-age-flair-e{e}" for e in FLAIR_EPOCHS),
+        notes="default FLAIR model: the published 5-model ensemble (test MAE 2.81)"),
+]}
+
+DEFAULT_MODELS = {"T1w": "ixi-sfcn-2mm", "FLAIR": "flair-brain-age-flair"}
+
+
+def cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "brainage-bids" / "models"
+
+
+def get_entry(name: str) -> ZooEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def installed_path(entry: ZooEntry) -> Path | None:
+    """The weights of a single-model entry when present (package or cache), else None."""
+    if entry.bundled and (PACKAGE_MODELS / entry.bundled).exists():
+        return PACKAGE_MODELS / entry.bundled
+    path = cache_dir() / f"{entry.name}.pt"
+    return path if path.exists() else None
+
+
+def install_hint(entry: ZooEntry) -> str:
+    src = entry.filename or f"{entry.name}.pt"
+    return (f"model {entry.name!r} is not installed: download {src} from {entry.url or 'its publisher'}"
+            f" and run `brainage-bids models install {entry.name} --from /path/to/{src}` "
+            f"(cache: {cache_dir()}, set ${CACHE_ENV} to change it)")
+
+
+def members(name: str) -> list[ZooEntry]:
+    """The single-model entries a name stands for (itself, or an ensemble's members)."""
+    entry = get_entry(name)
+    return [get_entry(m) for m in entry.members] if entry.members else [entry]
+
+
+def resolve(name: str) -> list[tuple[ZooEntry, Path]]:
+    """(entry, weights path) of every member of a zoo model; ModelNotInstalled names what is
+    missing and how to install it."""
+    out, missing = [], []
+    for entry in members(name):
+        path = installed_path(entry)
+        if path is None:
+            missing.append(install_hint(entry))
+        else:
+            out.append((entry, path))
+    if missing:
+        raise ModelNotInstalled("; ".join(missing))
+    return out
+
+
+def install(name: str, source: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Check a downloaded weights file and copy it into the cache; return the cached path.
+
+    The sha256 is checked against the entry's (or the ``sha256`` argument); the layout is checked
+    by loading the file strictly into the entry's architecture.
+    """
+    from .checkpoint import load_model
+
+    entry = get_entry(name)
+    if entry.members:
+        raise ValueError(f"{name} is an ensemble; install each member: {', '.join(entry.members)}")
+    source = Path(source)
+    if not source.is_file():
+        raise FileNotFoundError(f"no such file: {source}")
+    digest = sha256sum(source)
+    expected = sha256 or entry.sha256
+    if expected and digest != expected.lower():
+        raise ValueError(f"{source}: sha256 {digest} does not match {expected} recorded for {name}")
+    import torch
+    obj = torch.load(source, map_location="cpu", weights_only=True)
+    layout = detect_layout(obj)
+    if layout == "brainage-bids" and obj.get("arch") != entry.arch:
+        raise ValueError(f"{source}: a {obj.get('arch')} checkpoint, but {name} is {entry.arch}")
+    load_model(source)  # strict loading: raises on any key or shape mismatch
+    dest_dir = cache_dir()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{name}.pt"
+    tmp = dest_dir / f".{name}.pt.part"
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, dest)
+    record = {"name": name, "sha256": digest, "source": str(source.resolve()),
+              "verified_sha256": bool(expected)}
+    (dest_dir / f"{name}.json").write_text(json.dumps(record, indent=2))
+    return dest
+
+
+def listing() -> list[dict]:
+    """One dict per zoo entry with its install state."""
+    rows = []
+    for entry in REGISTRY.values():
+        if entry.members:
+            state = "installed" if all(installed_path(m) for m in members(entry.name)) else "missing"
+        else:
+            path = installed_path(entry)
+            state = "bundled" if entry.bundled and path else ("installed" if path else "missing")
+        rows.append({"name": entry.name, "arch": entry.arch, "modality": entry.modality,
+                     "output": entry.output, "state": state, "licence": entry.licence,
+                     "url": entry.url, "notes": entry.notes})
+    return rows
+
+
+@dataclass
+class ModelRequest:
+    """One ``--model`` argument resolved.
+
+    ``modality`` is the scans it runs on (None: every selected modality); ``members`` are
+    (row name, weights path, modality the weights were trained on or "" when unknown).
+    """
+
+    name: str
+    modality: str | None
+    members: list = field(default_factory=list)
+    ensemble: bool = False
+
+
+def resolve_request(value: str) -> ModelRequest:
+    """A ``--model`` value: a zoo name, or a checkpoint file, optionally ``:T1w``/``:FLAIR``
+    to set the modality it is run on."""
+    modality = None
+    base, sep, tail = value.rpartition(":")
+    if sep and tail in ("T1w", "FLAIR"):
+        value, modality = base, tail
+    if value in REGISTRY:
+        entry = get_entry(value)
+        found = resolve(value)
+        return ModelRequest(name=value, modality=modality or entry.modality,
+                            members=[(e.name, str(p), e.modality) for e, p in found],
+                            ensemble=bool(entry.members))
+    path = Path(value)
+    if path.suffix == ".json" and path.is_file():
+        return _ensemble_manifest(path, modality)
+    if not path.is_file():
+        raise FileNotFoundError(f"--model {value}: neither a zoo model ({', '.join(sorted(REGISTRY))})"
+                                " nor an existing file")
+    import torch
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        layout = detect_layout(obj)
+    except ValueError as exc:
+        raise ValueError(f"--model {value}: {exc}") from None
+    declared = obj.get("modality", "T1w") if layout == "brainage-bids" else (
+        "T1w" if layout == "ukb-sfcn" else None)
+    name = obj.get("name") or path.stem if layout == "brainage-bids" else path.stem
+    return ModelRequest(name=name, modality=modality or declared,
+                        members=[(name, str(path.resolve()), declared or "")])
+
+
+ENSEMBLE_FORMAT = "brainage-bids-ensemble"
+
+
+def write_ensemble_manifest(path: str | os.PathLike, name: str, modality: str,
+                            member_files: list) -> None:
+    """An ensemble of checkpoint files (paths stored relative to the manifest)."""
+    from ..utils.images import atomic_write_text
+
+    path = Path(path)
+    rel = [os.path.relpath(Path(f).resolve(), path.resolve().parent) for f in member_files]
+    atomic_write_text(path, json.dumps({"format": ENSEMBLE_FORMAT, "name": name,
+                                        "modality": modality, "members": rel}, indent=2) + "\n")
+
+
+def _ensemble_manifest(path: Path, modality: str | None) -> ModelRequest:
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--model {path}: not JSON ({exc})") from None
+    if d.get("format") != ENSEMBLE_FORMAT:
+        raise ValueError(f"--model {path}: not a brainage-bids ensemble manifest")
+    members = []
+    for rel in d["members"]:
+        f = (path.parent / rel).resolve()
+        if not f.is_file():
+            raise FileNotFoundError(f"--model {path}: member {f} not found")
+        members.append((f.stem, str(f), d.get("modality", "")))
+    return ModelRequest(name=d.get("name", path.stem), modality=modality or d.get("modality"),
+                        members=members, ensemble=True)
