@@ -61,7 +61,8 @@ def test_participant_graph(scans, tmp_path, template, random_model):
                     ("inputnode", "validate", "skull_strip", "n4", "register", "outputnode")}
         expected |= {f"{p}.predict_wf.{n}" for n in ("inputnode", "predict", "outputnode")}
         expected |= {f"{p}.ds_preproc_wf.{n}" for n in ("inputnode", "ds_preproc", "ds_mask")}
-        expected |= {f"{p}.ds_brainage_wf.{n}" for n in ("inputnode", "ds_brainage")}
+        expected |= {f"{p}.ds_brainage_wf.{n}" for n in ("inputnode", "ds_brainage",
+                                                         "ds_distribution")}
         assert expected == {n for n in nodes if n.startswith(p + ".")}
 
         # the pipeline order, and what flows along it
@@ -136,7 +137,7 @@ def test_factories_have_input_and_output_nodes(template, random_model):
                            session_id=None,
                            source_file="sub-01/anat/sub-01_T1w.nii.gz", suffix="T1w", age=None)
     for wf, name, outputs in ((pre, "preproc_wf", {"preproc", "mask", "transform",
-                                                   "registration_correlation", "mask_volume_ml",
+                                                   "registration_correlation", "mask_volume_ml", "registration_dice",
                                                    "registration_report", "head"}),
                               (pred, "predict_wf", {"out_tsv", "out_json", "out_distribution"})):
         assert wf.name == name
@@ -153,5 +154,5 @@ def test_sessions_get_separate_branches(synthetic_bids, tmp_path, template, rand
     assert branches == ["scan_sub_04_ses_A_T1w", "scan_sub_04_ses_B_T1w"]
     outs = sorted(node.inputs.out_path for node in nodes.values()
                   if isinstance(node.interface, DerivativesSink))
-    assert len(set(outs)) == len(outs) == 6
+    assert len(set(outs)) == len(outs) == 8
     assert all("/sub-04/ses-" in o for o in outs)

@@ -51,8 +51,10 @@ def register_to_template(brain_file: str, mask_file: str, template_file: str, te
                          threads: int = 1) -> float:
     """Affinely register a brain to the template brain and resample brain and mask onto its grid.
 
-    The output brain is divided by its mean inside the registered brain mask. Returns the Pearson
-    correlation of the registered brain with the template inside the template mask.
+    The output brain is divided by its mean inside the registered brain mask. Returns
+    (correlation, dice): the Pearson correlation of the registered brain with the template inside
+    the template mask (meaningful for T1w only), and the Dice overlap of the registered brain mask
+    with the template mask (any modality).
     """
     import ants
 
@@ -72,11 +74,12 @@ def register_to_template(brain_file: str, mask_file: str, template_file: str, te
     tpl_img = nib.load(template_file)
     tpl_mask = np.asarray(nib.load(template_mask_file).dataobj) > 0
     corr = mask_correlation(data, tpl_img.get_fdata(dtype=np.float32), tpl_mask)
+    dice = float(2 * (mask_arr & tpl_mask).sum() / max(1, mask_arr.sum() + tpl_mask.sum()))
     norm = normalise_mean_in_mask(data, mask_arr)
     nib.save(nib.Nifti1Image(norm, tpl_img.affine), out_file)
     nib.save(nib.Nifti1Image(mask_arr.astype(np.uint8), tpl_img.affine), out_mask)
     shutil.copyfile(fwd[0], out_transform)
-    return corr
+    return corr, dice
 
 
 class _N4InputSpec(BaseInterfaceInputSpec):
@@ -154,6 +157,7 @@ class _RegisterOutputSpec(TraitedSpec):
     out_transform = File(exists=True, desc="ANTs affine, native to template")
     out_report = File(exists=True, desc="JSON with the registration-quality figure")
     registration_correlation = traits.Float()
+    registration_dice = traits.Float(desc="Dice of the registered brain mask and the template mask")
 
 
 class RegisterToTemplate(SimpleInterface):
@@ -166,14 +170,15 @@ class RegisterToTemplate(SimpleInterface):
         out = os.path.join(runtime.cwd, "brain_mni.nii.gz")
         out_mask = os.path.join(runtime.cwd, "brain_mni_mask.nii.gz")
         xfm = os.path.join(runtime.cwd, "native2mni_affine.mat")
-        corr = register_to_template(
+        corr, dice = register_to_template(
             self.inputs.in_file, self.inputs.mask_file, self.inputs.template,
             self.inputs.template_mask, out, out_mask, xfm, self.inputs.transform,
             self.inputs.num_threads,
         )
         report = os.path.join(runtime.cwd, "registration.json")
         with open(report, "w") as fh:
-            json.dump({"RegistrationCorrelation": corr, "Transform": self.inputs.transform}, fh)
+            json.dump({"RegistrationCorrelation": corr, "RegistrationMaskDice": dice,
+                       "Transform": self.inputs.transform}, fh)
         self._results.update(out_file=out, out_mask=out_mask, out_transform=xfm, out_report=report,
-                             registration_correlation=corr)
+                             registration_correlation=corr, registration_dice=dice)
         return runtime

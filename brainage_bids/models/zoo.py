@@ -143,11 +143,19 @@ def resolve(name: str) -> list[tuple[ZooEntry, Path]]:
     for entry in members(name):
         path = installed_path(entry)
         if path is None:
-            missing.append(install_hint(entry))
+            missing.append(entry)
         else:
             out.append((entry, path))
+    if len(missing) == 1 and not get_entry(name).members:
+        raise ModelNotInstalled(install_hint(missing[0]))
     if missing:
-        raise ModelNotInstalled("; ".join(missing))
+        first = missing[0]
+        raise ModelNotInstalled(
+            f"ensemble {name!r} lacks {len(missing)} of its {len(members(name))} members: download "
+            f"{', '.join(m.filename for m in missing)} from {first.url} and install each, e.g. "
+            f"`brainage-bids models install {first.name} --from /path/to/{first.filename}` "
+            f"(members: {', '.join(m.name for m in missing)}; cache: {cache_dir()}, set "
+            f"${CACHE_ENV} to change it)")
     return out
 
 
@@ -172,8 +180,11 @@ def install(name: str, source: str | os.PathLike, sha256: str | None = None) -> 
     import torch
     obj = torch.load(source, map_location="cpu", weights_only=True)
     layout = detect_layout(obj)
-    if layout == "brainage-bids" and obj.get("arch") != entry.arch:
-        raise ValueError(f"{source}: a {obj.get('arch')} checkpoint, but {name} is {entry.arch}")
+    arch = obj.get("arch", "sfcn") if layout == "brainage-bids" else (
+        "sfcn" if layout == "ukb-sfcn" else "irv2")
+    if arch != entry.arch:
+        raise ValueError(f"{source}: holds a {arch} network ({layout} layout), but {name} is "
+                         f"{entry.arch}")
     load_model(source)  # strict loading: raises on any key or shape mismatch
     dest_dir = cache_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)

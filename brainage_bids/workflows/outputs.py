@@ -18,6 +18,7 @@ def derivative_paths(scan: Scan, output_dir: str) -> dict:
         "preproc": f"{base}_space-{TEMPLATE}_desc-preproc_{scan.suffix}.nii.gz",
         "mask": f"{base}_space-{TEMPLATE}_desc-brain_mask.nii.gz",
         "brainage": f"{base}_desc-brainage_{scan.suffix}.tsv",
+        "distribution": f"{base}_desc-agedist_{scan.suffix}.tsv",
     }
 
 
@@ -49,11 +50,24 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
 
 
 def init_ds_brainage_wf(*, scan: Scan, output_dir: str, name: str = "ds_brainage_wf"):
-    """Write the brain-age table and its sidecar. Inputs: ``out_tsv``, ``out_json``."""
+    """Write the brain-age table with its sidecar, and the predicted age distributions.
+
+    Inputs: ``out_tsv``, ``out_json``, ``out_distribution``.
+    """
     paths = derivative_paths(scan, output_dir)
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json", "out_distribution"]),
+                        name="inputnode")
     ds_brainage = pe.Node(DerivativesSink(out_path=paths["brainage"]), name="ds_brainage",
                           run_without_submitting=True, overwrite=True)
-    wf.connect([(inputnode, ds_brainage, [("out_tsv", "in_file"), ("out_json", "sidecar_file")])])
+    ds_distribution = pe.Node(DerivativesSink(
+        out_path=paths["distribution"],
+        metadata={"Description": "predicted age distribution of each model with a soft-label "
+                                 "output (one row per age bin)",
+                  "model": {"Description": "model name, as in the brain-age table"},
+                  "age": {"Description": "bin centre", "Units": "year"},
+                  "probability": {"Description": "probability of the bin"}}),
+        name="ds_distribution", run_without_submitting=True, overwrite=True)
+    wf.connect([(inputnode, ds_brainage, [("out_tsv", "in_file"), ("out_json", "sidecar_file")]),
+                (inputnode, ds_distribution, [("out_distribution", "in_file")])])
     return wf

@@ -52,10 +52,13 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
             (preproc_wf, predict_wf, [
                 ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
                 ("outputnode.registration_correlation", "inputnode.registration_correlation"),
+                ("outputnode.registration_dice", "inputnode.registration_dice"),
                 ("outputnode.mask_volume_ml", "inputnode.mask_volume_ml")]
                 + ([("outputnode.head", "inputnode.head")] if head else [])),
             (predict_wf, ds_brainage_wf, [("outputnode.out_tsv", "inputnode.out_tsv"),
-                                          ("outputnode.out_json", "inputnode.out_json")]),
+                                          ("outputnode.out_json", "inputnode.out_json"),
+                                          ("outputnode.out_distribution",
+                                           "inputnode.out_distribution")]),
         ])
     return wf
 

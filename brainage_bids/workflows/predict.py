@@ -20,7 +20,8 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc", "mask", "head", "registration_correlation", "mask_volume_ml"]),
+        fields=["preproc", "mask", "head", "registration_correlation", "registration_dice",
+                "mask_volume_ml"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json", "out_distribution"]),
                          name="outputnode")
@@ -37,6 +38,7 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
     wf.connect([
         (inputnode, predict, [("preproc", "preproc_file"), ("mask", "mask_file"),
                               ("registration_correlation", "registration_correlation"),
+                              ("registration_dice", "registration_dice"),
                               ("mask_volume_ml", "mask_volume_ml")]),
         (predict, outputnode, [("out_tsv", "out_tsv"), ("out_json", "out_json"),
                                ("out_distribution", "out_distribution")]),

@@ -30,7 +30,8 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
-        fields=["preproc", "mask", "transform", "registration_correlation", "mask_volume_ml",
+        fields=["preproc", "mask", "transform", "registration_correlation", "registration_dice",
+                "mask_volume_ml",
                 "registration_report", "head"]), name="outputnode")
     validate = pe.Node(ValidateImage(), name="validate")
     strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file),
@@ -49,6 +50,7 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
         (register, outputnode, [("out_file", "preproc"), ("out_mask", "mask"),
                                 ("out_transform", "transform"),
                                 ("registration_correlation", "registration_correlation"),
+                                ("registration_dice", "registration_dice"),
                                 ("out_report", "registration_report")]),
     ])
     if head:
