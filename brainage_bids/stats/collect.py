@@ -6,7 +6,6 @@ from pathlib import Path
 import pandas as pd
 
 from ..interfaces.predict import COLUMNS
-from ..utils.images import atomic_write_text
 
 
 def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
@@ -27,16 +26,3 @@ def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"participant tables lack columns {missing}")
     return df
-
-
-def collect_brainage(output_dir: str | Path) -> Path:
-    """Write ``group/brainage.tsv`` with every participant-level row; return its path."""
-    from ..cli.parser import EXIT_NO_INPUT, UsageError
-
-    try:
-        df = read_brainage_tables(output_dir)
-    except FileNotFoundError as exc:
-        raise UsageError(str(exc), EXIT_NO_INPUT) from exc
-    out = Path(output_dir) / "group" / "brainage.tsv"
-    atomic_write_text(out, df.to_csv(sep="\t", index=False, na_rep="n/a"))
-    return out
