@@ -195,7 +195,29 @@ def test_derivative_paths(synthetic_bids, tmp_path):
         "preproc": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-preproc_T1w.nii.gz"),
         "mask": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-brain_mask.nii.gz"),
         "brainage": str(base / "sub-04_ses-A_desc-brainage_T1w.tsv"),
+        "distribution": str(base / "sub-04_ses-A_desc-agedist_T1w.tsv"),
     }
+
+
+def test_collect_flair_and_t1w(make_dataset, tmp_path):
+    """--modalities selects FLAIR and T1w scans; the filter file has a "flair" query."""
+    import shutil
+
+    bids = make_dataset()
+    anat = bids / "sub-01" / "anat"
+    shutil.copy(anat / "sub-01_T1w.nii.gz", anat / "sub-01_FLAIR.nii.gz")
+    both = collect_scans(bids, participant_labels=["01"], modalities=("T1w", "FLAIR"))
+    assert sorted(s.suffix for s in both) == ["FLAIR", "T1w"]
+    flair = collect_scans(bids, modalities=("FLAIR",))
+    assert [s.relpath for s in flair] == ["sub-01/anat/sub-01_FLAIR.nii.gz"]
+    f = tmp_path / "filters.json"
+    f.write_text(json.dumps({"flair": {"acquisition": "none"}}))
+    with pytest.raises(BIDSInputError) as err:
+        collect_scans(bids, filters=load_filters(str(f)), modalities=("FLAIR",))
+    assert err.value.exit_code == 18
+    f.write_text(json.dumps({"dwi": {}}))
+    with pytest.raises(BIDSInputError, match="unknown query 'dwi'"):
+        load_filters(str(f))
 
 
 def test_write_derivative_description(make_dataset, tmp_path):

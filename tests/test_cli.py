@@ -107,7 +107,7 @@ def test_invalid_bids_names(make_dataset, tmp_path, caplog):
         code = _run([bids, tmp_path / "out", "participant", "--skip-bids-validation",
                      "--model", tmp_path / "missing.pt"], tmp_path)
     assert code == 66
-    assert "model file not found" in caplog.text
+    assert "missing.pt: neither a zoo model" in caplog.text
     assert "BIDS validation failed" not in caplog.text
 
 

@@ -7,8 +7,8 @@ Outputs (``OUTPUT_DIR/group/``): ``brainage.tsv`` (every participant-level row p
 :data:`~brainage_bids.stats.table.STATS_COLUMNS`), ``stats/skipped.tsv`` (analyses that could not
 run, with the reason) and PNG figures in ``figures/``.
 
-Rows feeding the clinical statistics (spec ``rows``): model ``ensemble`` when present, else every
-model separately; every suffix separately; raw (not lesion-filled) rows; one row per participant,
+Rows feeding the clinical statistics (spec ``rows``): per suffix, model ``ensemble`` when one ran on
+that suffix, else every model separately; raw (not lesion-filled) rows; one row per participant,
 the baseline (first) session, ordered by ``days_since_baseline``, else the session's age in
 sessions.tsv, else the session label. The gap is the bias-corrected one when a correction was
 fitted for that model and suffix (else the raw gap, with a warning); the column ``gap`` of every
@@ -421,28 +421,31 @@ class GroupRun:
         """(model, suffix) -> analysis frame of one baseline row per participant."""
         rows = self.spec["rows"]
         d = df[self._filled(df)] if rows["lesion_filled"] == "filled" else df[~self._filled(df)]
-        models = sorted(d["model"].dropna().unique())
-        if rows["model"] == "auto":
-            models = ["ensemble"] if "ensemble" in models else models
-        elif rows["model"] in models:
-            models = [rows["model"]]
-        else:
-            LOG.warning("rows.model %r of the stats spec is not among the models %s", rows["model"],
-                        models)
-            models = []
         suffixes = sorted(d["suffix"].dropna().unique())
         if rows["suffix"] != "all":
             suffixes = [s for s in suffixes if s in rows["suffix"]]
+        pairs = []
+        for suffix in suffixes:
+            # "auto": per modality, the ensemble when one ran on it, else every model
+            models = sorted(d.loc[d["suffix"] == suffix, "model"].dropna().unique())
+            if rows["model"] == "auto":
+                models = ["ensemble"] if "ensemble" in models else models
+            elif rows["model"] in models:
+                models = [rows["model"]]
+            else:
+                LOG.warning("rows.model %r of the stats spec is not among the %s models %s",
+                            rows["model"], suffix, models)
+                models = []
+            pairs += [(m, suffix) for m in models]
         out = []
-        for model in models:
-            for suffix in suffixes:
-                sub = d[(d["model"] == model) & (d["suffix"] == suffix)]
-                if len(sub):
-                    a = self.analysis_frame(one_row_per_participant(sub))
-                    a.attrs["key"] = (model, suffix)
-                    out.append(((model, suffix), a))
-                    self.all_sessions[(model, suffix)] = self.analysis_frame(
-                        sub.assign(_rank=session_rank(sub)))
+        for model, suffix in pairs:
+            sub = d[(d["model"] == model) & (d["suffix"] == suffix)]
+            if len(sub):
+                a = self.analysis_frame(one_row_per_participant(sub))
+                a.attrs["key"] = (model, suffix)
+                out.append(((model, suffix), a))
+                self.all_sessions[(model, suffix)] = self.analysis_frame(
+                    sub.assign(_rank=session_rank(sub)))
         if not out:
             LOG.warning("no rows selected for the clinical statistics (rows: %s)", rows)
         return out
