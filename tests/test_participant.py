@@ -73,7 +73,7 @@ def run(tmp_path_factory, random_model):
     before = listing(bids)
     code = main([str(bids), str(out), "participant", "--model", str(random_model),
                  "--nprocs", "2", "--omp-nthreads", "1", "--skull-strip", "deepbet",
-                 "-w", str(work)])
+                 "--saliency", "-w", str(work)])
     after = listing(bids)
     return SimpleNamespace(bids=bids.resolve(), out=out, work=work, code=code, before=before,
                            after=after, good_age=good_age, model=random_model, real=bool(ixi))
@@ -147,7 +147,11 @@ def test_brainage_tables(run):
             assert row["brain_age_gap"] == "n/a"
             assert math.isfinite(predicted)
         flags = [] if row["qc_flags"] == "n/a" else row["qc_flags"].split(";")
-        assert set(flags) <= {"low_registration", "age_outside_training_range"}
+        assert set(flags) <= {"low_registration", "age_outside_training_range",
+                              "predicted_age_sd_high"}
+        # the random model's distribution is nearly flat; its card gives no reference SD, so
+        # the absolute 10-year threshold applies
+        assert ("predicted_age_sd_high" in flags) == (sd > 10)
         assert ("age_outside_training_range" in flags) == (
             label == "good" and not 20 <= run.good_age <= 80)
 
@@ -243,3 +247,31 @@ def test_example_dataset(tmp_path, random_model):
     assert mask.shape == tpl_mask.shape
     dice = 2 * (mask & tpl_mask).sum() / (mask.sum() + tpl_mask.sum())
     assert dice > 0.95
+
+
+def test_saliency_distribution_and_reports(run):
+    """--saliency writes an MNI SmoothGrad map; every participant, failed or not, gets a report
+    whose figures exist; --reports-only rewrites them from the outputs."""
+    import re
+
+    for label in GOOD:
+        anat = run.out / f"sub-{label}" / "anat"
+        sal = nib.load(str(anat / f"sub-{label}_space-MNI152NLin2009aSym_desc-saliency_T1w.nii.gz"))
+        data = np.asarray(sal.dataobj)
+        from brainage_bids.utils.templates import get_template
+
+        assert data.shape == nib.load(str(get_template().brain)).shape
+        assert np.isfinite(data).all() and data.max() > 0
+        dist = pd.read_csv(anat / f"sub-{label}_desc-agedist_T1w.tsv", sep="\t")
+        assert list(dist.columns) == ["model", "age", "probability"]
+        assert dist["probability"].sum() == pytest.approx(1.0, abs=1e-3)
+    for label in ("good", "noage", "corrupt", "fourd"):
+        html = run.out / f"sub-{label}.html"
+        text = html.read_text()
+        refs = re.findall(r'(?:src|href)="([^"#:]+)"', text)
+        assert all((run.out / r).exists() for r in refs), [r for r in refs if not (run.out / r).exists()]
+    assert "sub-corrupt" in (run.out / "sub-corrupt.html").read_text()
+    (run.out / "sub-good.html").unlink()
+    assert main([str(run.bids), str(run.out), "participant", "--reports-only",
+                 "--participant-label", "good", "-w", str(run.work)]) == 0
+    assert (run.out / "sub-good.html").exists() and not (run.out / "sub-noage.html").stat().st_size == 0

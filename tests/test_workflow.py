@@ -139,7 +139,8 @@ def test_factories_have_input_and_output_nodes(template, random_model):
     for wf, name, outputs in ((pre, "preproc_wf", {"preproc", "mask", "transform",
                                                    "registration_correlation", "mask_volume_ml", "registration_dice",
                                                    "registration_report", "head"}),
-                              (pred, "predict_wf", {"out_tsv", "out_json", "out_distribution"})):
+                              (pred, "predict_wf", {"out_tsv", "out_json", "out_distribution",
+                                                    "out_saliency"})):
         assert wf.name == name
         assert isinstance(wf.get_node("inputnode").interface, IdentityInterface)
         out = wf.get_node("outputnode")

@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--skull-strip", choices=("auto", "deepbet", "hd-bet", "none"), default="auto",
                       help="auto: HD-BET when installed with its weights and a GPU is used, else "
                            "deepbet; none: inputs are already brain-extracted")
+    proc.add_argument("--saliency", action=argparse.BooleanOptionalAction, default=None,
+                      help="write SmoothGrad saliency maps (25 noisy samples; default: on when "
+                           "networks run on CUDA, off on CPU, where it takes ~15 s per scan)")
+    proc.add_argument("--reports-only", action="store_true",
+                      help="participant/group: only regenerate the HTML reports from existing "
+                           "outputs")
     proc.add_argument("--preproc-only", action="store_true",
                       help="participant level: write the MNI images and masks only (for `train`)")
 

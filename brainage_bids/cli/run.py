@@ -161,12 +161,42 @@ def crash_messages(log_dir: str) -> list[str]:
     return messages
 
 
+def _device_is_cuda(device: str) -> bool:
+    from ..models.inference import resolve_device
+
+    try:
+        return resolve_device(device) == "cuda"
+    except RuntimeError:
+        return False
+
+
+def _report(write, what: str) -> None:
+    """Write a report; a failure is logged and never changes the exit code."""
+    try:
+        path = write()
+        LOG.info("report: %s", path)
+    except Exception as exc:  # noqa: BLE001 - reports must not fail a run
+        LOG.error("could not write the report of %s: %s: %s", what, type(exc).__name__, exc)
+
+
+def run_reports_only(opts) -> int:
+    """``--reports-only``: regenerate the HTML reports from existing outputs."""
+    from ..reports import write_reports
+
+    bids_dir, output_dir, _ = check_paths(opts)
+    labels = [f"sub-{p}" for p in opts.participant_label] if opts.participant_label else None
+    paths = write_reports(output_dir, participant_ids=labels, bids_dir=bids_dir)
+    print(f"brainage-bids: wrote {len(paths)} report(s)", file=sys.stderr)
+    return EXIT_OK if paths else EXIT_NO_INPUT
+
+
 def run_participant(opts) -> int:
     from ..utils.bids import collect_scans, load_filters, write_derivative_description
     from ..utils.templates import get_template
     from ..workflows.outputs import derivative_paths
     from ..workflows.participant import crash_dir, init_brainage_wf, models_for
     from ..interfaces.skullstrip import resolve_method
+    from ..reports import write_participant_report
 
     plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
     bids_dir, output_dir, work_dir = check_paths(opts)
@@ -180,6 +210,8 @@ def run_participant(opts) -> int:
                         "brain_age_gap is n/a", scan.path)
     template = get_template()
     skull_strip = resolve_method(opts.skull_strip, opts.device)
+    saliency = bool(models) and (opts.saliency if opts.saliency is not None
+                                 else _device_is_cuda(opts.device))
     run_id = datetime.now().strftime("%Y%m%d-%H%M%S_") + uuid.uuid4().hex[:8]
     LOG.info("%d scan(s) of %d participant(s); skull strip: %s; template: %s; run %s", len(scans),
              len({s.subject for s in scans}), skull_strip, template.source, run_id)
@@ -188,7 +220,7 @@ def run_participant(opts) -> int:
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
         template=str(template.brain), template_mask=str(template.mask), models=models,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
-        precision=opts.precision)
+        precision=opts.precision, saliency=saliency)
     from nipype import config as ncfg
 
     ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
@@ -212,6 +244,9 @@ def run_participant(opts) -> int:
         msgs = crash_messages(crash_dir(str(output_dir), pid, run_id)) or ["no crash file written"]
         for m in msgs:
             LOG.error("%s failed: %s", pid, m)
+    for pid in sorted({s.participant_id for s in scans}):
+        _report(lambda: write_participant_report(output_dir, pid, run_id=run_id,
+                                                 bids_dir=bids_dir), pid)
     n_ok = len({s.participant_id for s in scans}) - len(failed_subjects)
     print(f"brainage-bids participant: {n_ok} participant(s) completed, "
           f"{len(failed_subjects)} failed" + (f" ({', '.join(failed_subjects)})" if failed else ""),
@@ -249,6 +284,14 @@ def run_group(opts) -> int:
           f"{len(summary['tables'])} table(s) in {Path(summary['brainage']).parent / 'stats'}, "
           f"{len(summary['skipped'])} analysis/analyses skipped (see stats/skipped.tsv)",
           file=sys.stderr)
+    from ..models.saliency import group_saliency
+    from ..reports import write_group_report
+
+    column = spec["columns"]["diagnosis"]
+    _report(lambda: group_saliency(output_dir, bids_dir=bids_dir, group_column=column),
+            "group saliency")
+    _report(lambda: write_group_report(output_dir, bids_dir=bids_dir, group_column=column),
+            "group")
     return EXIT_OK
 
 
@@ -308,6 +351,8 @@ def main(argv=None) -> int:
     opts.argv = list(sys.argv[1:] if argv is None else argv)
     setup_logging(opts.verbose)
     runner = {"participant": run_participant, "group": run_group, "train": run_train}
+    if opts.reports_only and opts.analysis_level != "train":
+        runner = {opts.analysis_level: run_reports_only}
     try:
         return runner[opts.analysis_level](opts)
     except (UsageError, BIDSInputError) as exc:

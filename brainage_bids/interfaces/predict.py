@@ -16,6 +16,7 @@ from nipype.interfaces.base import (
 )
 
 from .. import __version__
+from ..reports import qc as _qc
 
 COLUMNS = ("participant_id", "session_id", "source_file", "suffix", "model", "chronological_age",
            "predicted_age", "predicted_age_sd", "brain_age_gap", "lesion_filled", "qc_flags")
@@ -51,6 +52,12 @@ COLUMN_DESCRIPTIONS = {
                                                 "the image (run on explicit request)",
                  }},
 }
+# mask volume, predicted-age SD and lesion-filling flags (thresholds in reports/qc.py)
+COLUMN_DESCRIPTIONS["qc_flags"]["Levels"].update(
+    {k: v for k, v in _qc.FLAG_DESCRIPTIONS.items()
+     if k not in COLUMN_DESCRIPTIONS["qc_flags"]["Levels"]})
+FLAG_ORDER = ("low_registration", "age_outside_training_range", "model_modality_mismatch",
+              "mask_volume_implausible", "predicted_age_sd_high", "lesion_filling_disagreement")
 
 # Correlation of the registered brain with the T1w template inside the template mask: the 148 IXI
 # scans score 0.50-0.62 and a clinical 2D T1w 0.46; misregistrations fall far below. It is only
@@ -132,7 +139,7 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
         meta["RegistrationMaskDice"] = round(float(registration_dice), 4)
     if mask_volume_ml is not None:
         meta["BrainMaskVolume"] = {"Value": round(float(mask_volume_ml), 1), "Units": "mL"}
-    meta["QCThresholds"] = QC_THRESHOLDS
+    meta["QCThresholds"] = {**QC_THRESHOLDS, **_qc.QC_THRESHOLDS}
     return meta
 
 
@@ -159,6 +166,8 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
     registration_correlation = traits.Float()
     registration_dice = traits.Float()
     mask_volume_ml = traits.Float()
+    saliency = traits.Bool(False, usedefault=True, desc="write a SmoothGrad map (25 samples)")
+    template = File(exists=True, desc="MNI template: the grid of the saliency map")
 
 
 class _PredictOutputSpec(TraitedSpec):
@@ -166,6 +175,7 @@ class _PredictOutputSpec(TraitedSpec):
     out_json = File(exists=True)
     out_distribution = File(exists=True, desc="TSV: model, age (bin centre), probability")
     predicted_age = traits.Float(desc="the ensemble's age when several models ran")
+    out_saliency = File(exists=True, desc="SmoothGrad map averaged over the models, MNI space")
 
 
 class PredictAge(SimpleInterface):
@@ -210,6 +220,8 @@ class PredictAge(SimpleInterface):
             mean, sd, prob = predict_arrays(model, [inputs[model.input]], device=device,
                                             precision=self.inputs.precision)
             flags = qc_flags(reg, age, model_age_range(model), self.inputs.suffix, dice)
+            flags += _qc.scan_flags(predicted_age_sd=sd[0], reference_sd=_qc.reference_sd(model.card),
+                                    mask_volume_ml=vol)
             if model.modality and model.modality != self.inputs.suffix:
                 flags.append("model_modality_mismatch")
             all_flags.update(flags)
@@ -223,8 +235,11 @@ class PredictAge(SimpleInterface):
                           "probability": float(q)} for c, q in zip(model.centres, prob[0])]
         if len(models) > 1:
             e_age, e_sd = ensemble(ages, sds)
-            order = [f for f in ("low_registration", "age_outside_training_range",
-                                 "model_modality_mismatch") if f in all_flags]
+            refs = [r for r in (_qc.reference_sd(m.card) for m in models) if r is not None]
+            all_flags.update(_qc.scan_flags(predicted_age_sd=e_sd,
+                                            reference_sd=float(np.mean(refs)) if refs else None,
+                                            mask_volume_ml=vol))
+            order = [f for f in FLAG_ORDER if f in all_flags]
             rows.append(brainage_row(model="ensemble", predicted=e_age, sd=e_sd, flags=order,
                                      **common))
         tsv = os.path.join(runtime.cwd, "brainage.tsv")
@@ -232,6 +247,15 @@ class PredictAge(SimpleInterface):
         js = os.path.join(runtime.cwd, "brainage.json")
         with open(js, "w") as fh:
             json.dump(brainage_sidecar(models, reg, vol, self.inputs.precision, dice), fh, indent=2)
+        if self.inputs.saliency:
+            from ..models.saliency import mni_saliency
+
+            if not isdefined(self.inputs.template):
+                raise ValueError("saliency needs the template input")
+            out_sal = os.path.join(runtime.cwd, "saliency.nii.gz")
+            mni_saliency(models, inputs, self.inputs.template, out_sal, device=device,
+                         n_samples=25, noise_fraction=0.15)
+            self._results["out_saliency"] = out_sal
         dist_tsv = os.path.join(runtime.cwd, "distribution.tsv")
         pd.DataFrame(dist, columns=["model", "age", "probability"]).to_csv(
             dist_tsv, sep="\t", index=False, float_format="%.6g")

@@ -12,11 +12,18 @@ from ..utils.templates import TEMPLATE
 
 
 def derivative_paths(scan: Scan, output_dir: str) -> dict:
-    """Absolute output paths of one scan (DESIGN.md output contract)."""
+    """Absolute output paths of one scan (DESIGN.md output contract).
+
+    The brain mask of a T1w scan is ``desc-brain_mask``; other modalities of the same session
+    have their own mask from their own registration, ``desc-<suffix>brain_mask`` (e.g.
+    ``desc-flairbrain_mask``), so the two never overwrite each other.
+    """
     base = os.path.join(os.path.abspath(output_dir), scan.anat_dir, scan.prefix)
+    mask_desc = "brain" if scan.suffix == "T1w" else f"{scan.suffix.lower()}brain"
     return {
         "preproc": f"{base}_space-{TEMPLATE}_desc-preproc_{scan.suffix}.nii.gz",
-        "mask": f"{base}_space-{TEMPLATE}_desc-brain_mask.nii.gz",
+        "mask": f"{base}_space-{TEMPLATE}_desc-{mask_desc}_mask.nii.gz",
+        "saliency": f"{base}_space-{TEMPLATE}_desc-saliency_{scan.suffix}.nii.gz",
         "brainage": f"{base}_desc-brainage_{scan.suffix}.tsv",
         "distribution": f"{base}_desc-agedist_{scan.suffix}.tsv",
     }
@@ -49,15 +56,17 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
     return wf
 
 
-def init_ds_brainage_wf(*, scan: Scan, output_dir: str, name: str = "ds_brainage_wf"):
-    """Write the brain-age table with its sidecar, and the predicted age distributions.
+def init_ds_brainage_wf(*, scan: Scan, output_dir: str, saliency: bool = False,
+                        name: str = "ds_brainage_wf"):
+    """Write the brain-age table with its sidecar, the predicted age distributions and, with
+    ``saliency``, the SmoothGrad map.
 
-    Inputs: ``out_tsv``, ``out_json``, ``out_distribution``.
+    Inputs: ``out_tsv``, ``out_json``, ``out_distribution``, ``out_saliency``.
     """
     paths = derivative_paths(scan, output_dir)
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json", "out_distribution"]),
-                        name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["out_tsv", "out_json", "out_distribution", "out_saliency"]), name="inputnode")
     ds_brainage = pe.Node(DerivativesSink(out_path=paths["brainage"]), name="ds_brainage",
                           run_without_submitting=True, overwrite=True)
     ds_distribution = pe.Node(DerivativesSink(
@@ -70,4 +79,14 @@ def init_ds_brainage_wf(*, scan: Scan, output_dir: str, name: str = "ds_brainage
         name="ds_distribution", run_without_submitting=True, overwrite=True)
     wf.connect([(inputnode, ds_brainage, [("out_tsv", "in_file"), ("out_json", "sidecar_file")]),
                 (inputnode, ds_distribution, [("out_distribution", "in_file")])])
+    if saliency:
+        ds_saliency = pe.Node(DerivativesSink(
+            out_path=paths["saliency"],
+            metadata={"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"],
+                      "Description": "SmoothGrad saliency: mean absolute gradient of the "
+                                     "predicted age with respect to the input, over 25 noisy "
+                                     "copies (noise SD 15 % of the intensity range), averaged "
+                                     "over the models of the scan"}),
+            name="ds_saliency", run_without_submitting=True, overwrite=True)
+        wf.connect(inputnode, "out_saliency", ds_saliency, "in_file")
     return wf

@@ -28,7 +28,7 @@ def models_for(scan: Scan, models: list | None) -> list:
 
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
                  models: list | None, skull_strip: str, device: str, omp_nthreads: int,
-                 precision: str = "fast", name: str | None = None):
+                 precision: str = "fast", saliency: bool = False, name: str | None = None):
     """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
     write its brain-age table."""
     wf = pe.Workflow(name=name or f"scan_{_safe(scan.prefix)}_{scan.suffix}")
@@ -46,8 +46,8 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
         predict_wf = init_predict_wf(
             models=models, participant_id=scan.participant_id, session_id=scan.session_id,
             source_file=scan.relpath, suffix=scan.suffix, age=scan.age, device=device,
-            omp_nthreads=omp_nthreads, precision=precision)
-        ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir)
+            omp_nthreads=omp_nthreads, precision=precision, saliency=saliency, template=template)
+        ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir, saliency=saliency)
         wf.connect([
             (preproc_wf, predict_wf, [
                 ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
@@ -58,7 +58,8 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
             (predict_wf, ds_brainage_wf, [("outputnode.out_tsv", "inputnode.out_tsv"),
                                           ("outputnode.out_json", "inputnode.out_json"),
                                           ("outputnode.out_distribution",
-                                           "inputnode.out_distribution")]),
+                                           "inputnode.out_distribution")]
+             + ([("outputnode.out_saliency", "inputnode.out_saliency")] if saliency else [])),
         ])
     return wf
 
@@ -79,7 +80,7 @@ def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir
 def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_id: str,
                      template: str, template_mask: str, models: list | None,
                      skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
-                     precision: str = "fast", name: str = "brainage_wf"):
+                     precision: str = "fast", saliency: bool = False, name: str = "brainage_wf"):
     """The participant level over all selected scans, one sub-workflow per participant."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
     by_subject: dict[str, list[Scan]] = {}
@@ -90,5 +91,5 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
             participant_id=participant_id, scans=subject_scans, output_dir=output_dir, run_id=run_id,
             template=template, template_mask=template_mask, models=models,
             skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-            precision=precision)])
+            precision=precision, saliency=saliency)])
     return wf

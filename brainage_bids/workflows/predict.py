@@ -11,28 +11,33 @@ from ..interfaces.predict import PredictAge
 
 def init_predict_wf(*, models: list, participant_id: str, session_id: str | None,
                     source_file: str, suffix: str, age: float | None, device: str = "cpu",
-                    omp_nthreads: int = 1, precision: str = "fast", name: str = "predict_wf"):
+                    omp_nthreads: int = 1, precision: str = "fast", saliency: bool = False,
+                    template: str | None = None, name: str = "predict_wf"):
     """Predict brain age with every member of ``models`` (zoo.ModelRequest) on one scan.
 
-    One row per member; with more than one member, an ensemble row.
+    One row per member; with more than one member, an ensemble row. ``saliency`` adds a
+    SmoothGrad map on the grid of ``template``.
     Inputs: ``preproc``, ``mask``, ``head`` (optional), ``registration_correlation``,
-    ``mask_volume_ml``. Outputs: ``out_tsv``, ``out_json``, ``out_distribution``.
+    ``registration_dice``, ``mask_volume_ml``. Outputs: ``out_tsv``, ``out_json``,
+    ``out_distribution``, ``out_saliency`` (with ``saliency``).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["preproc", "mask", "head", "registration_correlation", "registration_dice",
                 "mask_volume_ml"]),
         name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_tsv", "out_json", "out_distribution"]),
-                         name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=["out_tsv", "out_json", "out_distribution", "out_saliency"]), name="outputnode")
     members = [m for r in models for m in r.members]
     predict = pe.Node(PredictAge(model_files=[m[1] for m in members],
                                  model_names=[m[0] for m in members],
                                  model_modalities=[m[2] or "" for m in members],
                                  device=device, precision=precision, num_threads=omp_nthreads,
                                  participant_id=participant_id, session_id=session_id or "",
-                                 source_file=source_file, suffix=suffix),
+                                 source_file=source_file, suffix=suffix, saliency=saliency),
                       name="predict", n_procs=omp_nthreads)
+    if saliency:
+        predict.inputs.template = template
     if age is not None:
         predict.inputs.chronological_age = float(age)
     wf.connect([
@@ -43,6 +48,8 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
         (predict, outputnode, [("out_tsv", "out_tsv"), ("out_json", "out_json"),
                                ("out_distribution", "out_distribution")]),
     ])
+    if saliency:
+        wf.connect(predict, "out_saliency", outputnode, "out_saliency")
     if needs_head(models):
         wf.connect(inputnode, "head", predict, "head_file")
     return wf

@@ -1,0 +1,170 @@
+"""Quality flags beyond registration: brain mask volume, predicted-age SD, lesion filling.
+
+Thresholds and why:
+
+- ``mask_volume_implausible``: native-space brain mask volume outside 800-2000 mL. The NMOSD
+  study's FreeSurfer brain tissue volumes were 1154.6 +/- 98.5 mL in healthy controls and
+  1058.9 +/- 94.4 mL in RRMS; a skull-strip mask also holds the ventricles and sulcal CSF, so
+  masks are larger (1096-1629 mL on the MS, IXI, MPRAGE and longitudinal runs of this project).
+  Below 800 mL (about 2.7 SD under the RRMS tissue mean) the mask has cut away brain; above
+  2000 mL (beyond adult intracranial volumes, about 1.2-1.8 L) it has taken in skull, eyes or
+  neck.
+- ``predicted_age_sd_high``: the SD of the predicted age distribution above 1.5 times the model's
+  mean SD on its held-out test set (model card ``test.mean_sd``, else ``validation.mean_sd``), or
+  above 10 years when the card gives none. The NMOSD study found high SDs in scans of low quality
+  or incomplete coverage but gave no cut-off; its Figure 1D-G cases had SDs of 4.4-7.2 years.
+  SD scales differ between models (the default ixi-sfcn-2mm gives 4.8-18.0 years, median 12.9,
+  on the 148 IXI controls, whose maximum is 1.44 times its test mean of 12.5), so the cut is
+  relative to the model: 1.5 times flags none of those controls and marks distributions that are
+  nearly flat. Ensemble rows use the mean reference of members that have one.
+- ``lesion_filling_disagreement``: lesion-filled and raw predictions of the same scan and model
+  differ by more than 4.4 years, the wider 95 % limit of agreement of the NMOSD study's
+  Bland-Altman analysis (mean difference 0.28 +/- 2.11 years: 0.28 + 1.96 * 2.11 = 4.4).
+
+:func:`scan_flags` evaluates the first two per model row (the predictor adds them to its own);
+:func:`lesion_filling_flags` needs the raw and lesion-filled rows of a scan together.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+MASK_VOLUME_RANGE_ML = (800.0, 2000.0)
+SD_REFERENCE_FACTOR = 1.5
+SD_ABSOLUTE_MAX = 10.0
+LESION_FILLING_MAX_DIFF = 4.4
+
+#: Added to the sidecar's QCThresholds next to the registration thresholds.
+QC_THRESHOLDS = {
+    "BrainMaskVolumeRange": list(MASK_VOLUME_RANGE_ML),
+    "PredictedAgeSDFactor": SD_REFERENCE_FACTOR,
+    "PredictedAgeSDMax": SD_ABSOLUTE_MAX,
+    "LesionFillingMaxDifference": LESION_FILLING_MAX_DIFF,
+}
+
+#: Meaning of every flag the participant level can write (shown in the reports).
+FLAG_DESCRIPTIONS = {
+    "low_registration": "the registered brain mask overlaps the template mask less than 0.85 "
+                        "(Dice), or a T1w image correlates with the T1w template less than 0.35",
+    "age_outside_training_range": "chronological age outside the ages the model was trained on: "
+                                  "predictions there are extrapolations",
+    "model_modality_mismatch": "the model was trained on another modality than the image (run "
+                               "on explicit request)",
+    "mask_volume_implausible": f"brain mask volume outside {MASK_VOLUME_RANGE_ML[0]:.0f}-"
+                               f"{MASK_VOLUME_RANGE_ML[1]:.0f} mL: skull stripping removed brain "
+                               "or kept non-brain tissue",
+    "predicted_age_sd_high": f"predicted-age SD above {SD_REFERENCE_FACTOR:g} x the model's mean "
+                             f"SD on its test set (or above {SD_ABSOLUTE_MAX:g} years): the model "
+                             "is unsure, often from poor image quality or incomplete coverage",
+    "lesion_filling_disagreement": f"lesion-filled and raw predictions differ by more than "
+                                   f"{LESION_FILLING_MAX_DIFF:g} years",
+}
+
+
+def _finite(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def mask_volume_implausible(volume_ml) -> bool:
+    """True when the brain mask volume (mL) lies outside :data:`MASK_VOLUME_RANGE_ML`."""
+    v = _finite(volume_ml)
+    return v is not None and not (MASK_VOLUME_RANGE_ML[0] <= v <= MASK_VOLUME_RANGE_ML[1])
+
+
+def reference_sd(card: dict | None) -> float | None:
+    """A model's mean predicted-age SD on its held-out data (card ``test.mean_sd``, else
+    ``validation.mean_sd``), or None."""
+    for part in ("test", "validation"):
+        v = _finite(((card or {}).get(part) or {}).get("mean_sd"))
+        if v is not None and v > 0:
+            return v
+    return None
+
+
+def sd_threshold(reference: float | None) -> float:
+    """The SD above which ``predicted_age_sd_high`` is raised."""
+    ref = _finite(reference)
+    return SD_REFERENCE_FACTOR * ref if ref is not None and ref > 0 else SD_ABSOLUTE_MAX
+
+
+def predicted_age_sd_high(sd, reference: float | None = None) -> bool:
+    """True when ``sd`` (years) exceeds :func:`sd_threshold` of ``reference``."""
+    s = _finite(sd)
+    return s is not None and s > sd_threshold(reference)
+
+
+def scan_flags(*, predicted_age_sd=None, reference_sd=None, mask_volume_ml=None) -> list[str]:
+    """The flags of this module for one model row: ``mask_volume_implausible`` and
+    ``predicted_age_sd_high`` (in that order). Missing values raise no flag."""
+    flags = []
+    if mask_volume_implausible(mask_volume_ml):
+        flags.append("mask_volume_implausible")
+    if predicted_age_sd_high(predicted_age_sd, reference_sd):
+        flags.append("predicted_age_sd_high")
+    return flags
+
+
+def _is_true(v) -> bool:
+    return str(v).strip().lower() in ("true", "1", "yes")
+
+
+def lesion_filling_flags(rows) -> list[list[str]]:
+    """``lesion_filling_disagreement`` for the rows of one scan (a frame or a list of dicts with
+    ``model``, ``predicted_age`` and ``lesion_filled``): both rows of a model get the flag when
+    its lesion-filled and raw predictions differ by more than :data:`LESION_FILLING_MAX_DIFF`
+    years. Returns one list of flags per row, in order; empty lists when the scan lacks either
+    kind of row."""
+    df = pd.DataFrame(rows).reset_index(drop=True)
+    out: list[list[str]] = [[] for _ in range(len(df))]
+    if df.empty or not {"model", "predicted_age", "lesion_filled"} <= set(df.columns):
+        return out
+    filled = df["lesion_filled"].map(_is_true)
+    for model, g in df.groupby(df["model"].astype(str), sort=False):
+        raw = [_finite(v) for v in g.loc[~filled[g.index], "predicted_age"]]
+        fil = [_finite(v) for v in g.loc[filled[g.index], "predicted_age"]]
+        raw = [v for v in raw if v is not None]
+        fil = [v for v in fil if v is not None]
+        if raw and fil and abs(sum(fil) / len(fil) - sum(raw) / len(raw)) > LESION_FILLING_MAX_DIFF:
+            for i in g.index:
+                out[i].append("lesion_filling_disagreement")
+    return out
+
+
+def split_flags(value) -> list[str]:
+    """The flags of a ``qc_flags`` cell (semicolon-separated; n/a or empty -> [])."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return []
+    text = str(value).strip()
+    if text.lower() in ("", "n/a", "nan", "none"):
+        return []
+    return [f.strip() for f in text.split(";") if f.strip()]
+
+
+def evaluate_rows(rows: pd.DataFrame, *, mask_volume_ml=None, reference_sds: dict | None = None,
+                  members: dict | None = None) -> list[list[str]]:
+    """Flags of this module for every row of one scan's brain-age table, as the report evaluates
+    them on outputs written before the predictor raised them.
+
+    reference_sds : model -> reference SD (see :func:`reference_sd`).
+    members : ensemble row name -> member model names, for the ensemble's reference.
+    """
+    reference_sds = reference_sds or {}
+    members = members or {}
+    rows = rows.reset_index(drop=True)
+    out = []
+    for _, r in rows.iterrows():
+        model = str(r.get("model"))
+        ref = reference_sds.get(model)
+        if ref is None and model in members:
+            refs = [reference_sds[m] for m in members[model] if reference_sds.get(m)]
+            ref = sum(refs) / len(refs) if refs else None
+        out.append(scan_flags(predicted_age_sd=r.get("predicted_age_sd"), reference_sd=ref,
+                              mask_volume_ml=mask_volume_ml))
+    for i, extra in enumerate(lesion_filling_flags(rows)):
+        out[i] += extra
+    return out
