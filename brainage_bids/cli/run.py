@@ -79,6 +79,15 @@ def plugin_settings(opts) -> dict:
                 raise UsageError(f"--plugin-args is neither JSON nor a file: {exc}") from exc
         if not isinstance(args, dict):
             raise UsageError("--plugin-args must be a JSON object")
+    if opts.plugin not in ("MultiProc", "Linear"):
+        # nipype's cluster plugins read LOGNAME (unset in some batch and container environments)
+        import getpass
+
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # a UID without a passwd entry (containers)
+            user = f"uid{os.getuid()}"
+        os.environ.setdefault("LOGNAME", user)
     if opts.plugin == "MultiProc":
         args.setdefault("n_procs", opts.nprocs)
         args.setdefault("raise_insufficient", False)

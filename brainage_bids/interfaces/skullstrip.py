@@ -25,11 +25,15 @@ METHODS = ("auto", "deepbet", "hd-bet", "none")
 
 
 def hdbet_available() -> bool:
-    """HD-BET can run: the package and its CLI are installed and its weights are on disk."""
+    """HD-BET can run: the package and its CLI are installed and its weights are on disk.
+
+    HD-BET 2.x reads its weights from ``~/hd-bet_params`` whatever ``HD_BET_PARAMS`` says, and
+    downloads them when absent, so only that folder counts.
+    """
     if importlib.util.find_spec("HD_BET") is None or shutil.which("hd-bet") is None:
         return False
-    weights = Path(os.environ.get("HD_BET_PARAMS", Path.home() / "hd-bet_params"))
-    return weights.exists() and any(weights.iterdir())
+    weights = Path.home() / "hd-bet_params"
+    return weights.is_dir() and any(weights.iterdir())
 
 
 def cuda_available() -> bool:
@@ -109,6 +113,7 @@ class _SkullStripInputSpec(BaseInterfaceInputSpec):
     method = traits.Enum("deepbet", "hd-bet", "none", usedefault=True)
     device = traits.Enum("cpu", "cuda", "auto", usedefault=True)
     source_file = traits.Str(desc="BIDS input named in error messages")
+    num_threads = traits.Int(1, usedefault=True, desc="PyTorch threads (deepbet on CPU)")
 
 
 class _SkullStripOutputSpec(TraitedSpec):
@@ -124,6 +129,10 @@ class SkullStrip(SimpleInterface):
     output_spec = _SkullStripOutputSpec
 
     def _run_interface(self, runtime):
+        if self.inputs.method == "deepbet":
+            import torch
+
+            torch.set_num_threads(max(1, self.inputs.num_threads))
         brain = os.path.join(runtime.cwd, "brain.nii.gz")
         mask = os.path.join(runtime.cwd, "brain_mask.nii.gz")
         vol = skull_strip(self.inputs.in_file, brain, mask, self.inputs.method, self.inputs.device,

@@ -34,7 +34,8 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
                 "mask_volume_ml",
                 "registration_report", "head"]), name="outputnode")
     validate = pe.Node(ValidateImage(), name="validate")
-    strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file),
+    strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file,
+                               num_threads=omp_nthreads),
                     name="skull_strip", n_procs=omp_nthreads)
     n4 = pe.Node(N4InMask(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads)
     register = pe.Node(RegisterToTemplate(template=template, template_mask=template_mask,

@@ -1,0 +1,124 @@
+# brainage-bids: brain age from T1w/FLAIR MRI as a BIDS App.
+#
+#   docker build -t brainage-bids .                                    # CUDA PyTorch (+ HD-BET)
+#   docker build --build-arg TORCH_VARIANT=cpu -t brainage-bids:cpu .  # CPU-only PyTorch, smaller
+#   docker run --rm -v BIDS:/data:ro -v OUT:/out brainage-bids /data /out participant
+#
+# Build arguments:
+#   TORCH_VARIANT      cuda (default: PyPI's Linux wheel, built for CUDA 13) or cpu
+#   TORCH_INDEX_URL    index holding the torch wheel; default https://pypi.org/simple (cuda) or
+#                      https://download.pytorch.org/whl/cpu (cpu); e.g. .../whl/cu126 for older drivers
+#   INSTALL_HDBET      auto (only with cuda; HD-BET's torchvision needs the CUDA torch), 1 or 0
+#   FETCH_HDBET_WEIGHTS 1: download HD-BET's weights at build time when reachable; 0 skips it
+#   PIP_CA_BUNDLE      CA bundle for pip behind a TLS-intercepting proxy (mount it into the build)
+#   VERSION, VCS_REF, BUILD_DATE   OCI labels (brainage_bids.__version__, git commit, RFC 3339 date)
+# The base is pinned by tag; pin it by digest (debian:12.15-slim@sha256:...) for releases.
+
+FROM debian:12.15-slim AS builder
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Debian's packages follow the pinned point release; pinning each version would break on updates.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/home/brainage
+RUN python3 -m venv /opt/venv && mkdir -p /home/brainage
+
+WORKDIR /src
+COPY constraints.txt ./
+# Build arguments are declared where they are used, so that changing one keeps the layers above.
+ARG TORCH_VARIANT=cuda
+ARG TORCH_INDEX_URL=
+ARG PIP_CA_BUNDLE=
+
+# PyTorch first (its own layer; the largest), at the version constraints.txt pins. Its
+# dependencies come from PyPI in the next step.
+RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
+    case "$TORCH_VARIANT" in \
+        cuda) url=${TORCH_INDEX_URL:-https://pypi.org/simple} ;; \
+        cpu)  url=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu} ;; \
+        *) echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 64 ;; \
+    esac \
+    && grep -E '^torch==' constraints.txt > /tmp/torch.txt \
+    && pip install --no-deps --index-url="$url" -r /tmp/torch.txt
+
+COPY pyproject.toml README.md ./
+COPY brainage_bids ./brainage_bids
+ARG INSTALL_HDBET=auto
+RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
+    extras="test"; \
+    if [ "$INSTALL_HDBET" = 1 ] || { [ "$INSTALL_HDBET" = auto ] && [ "$TORCH_VARIANT" = cuda ]; }; then \
+        extras="test,hdbet"; \
+    fi \
+    && pip install -c constraints.txt ".[${extras}]" \
+    && pip check
+
+# HD-BET 2.x keeps its weights in ~/hd-bet_params; fetch them when HD-BET is installed and the
+# network allows, else the app falls back to deepbet (whose weights are inside its wheel).
+ARG FETCH_HDBET_WEIGHTS=1
+RUN if python -c "import HD_BET" 2>/dev/null && [ "$FETCH_HDBET_WEIGHTS" = 1 ]; then \
+        python -c "from HD_BET.checkpoint_download import maybe_download_parameters as m; m()" \
+        || echo "HD-BET weights not reachable; skipped (install them into ~/hd-bet_params)"; \
+    fi \
+    && mkdir -p /home/brainage/hd-bet_params
+
+# The MNI152NLin2009aSym template in TemplateFlow layout, so nothing is fetched at run time.
+ENV TEMPLATEFLOW_HOME=/opt/templateflow
+RUN python -c "from brainage_bids.utils.templates import get_template as g; print(g())" \
+    && brainage-bids --version \
+    && mkdir -p /home/brainage/.cache \
+    && chmod -R a+rwX /home/brainage \
+    && chmod -R a+rX /opt/templateflow
+
+
+FROM debian:12.15-slim
+
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/*
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/templateflow /opt/templateflow
+COPY --from=builder /home/brainage /home/brainage
+
+# No fixed USER: any UID works (docker run -u "$(id -u):$(id -g)") with a writable HOME (the
+# modes of its contents are set in the builder, so no layer here copies its files again).
+# Models installed with `brainage-bids models install` go to BRAINAGE_BIDS_MODELS: bind-mount a
+# host folder there to keep them. The app sets PyTorch/ITK threads per node from --omp-nthreads;
+# the variables below keep other libraries from starting one thread per core in every process.
+RUN mkdir -p /opt/brainage-bids/models \
+    && chmod 1777 /opt/brainage-bids/models \
+    && chmod 777 /home/brainage
+ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/brainage \
+    TEMPLATEFLOW_HOME=/opt/templateflow \
+    BRAINAGE_BIDS_MODELS=/opt/brainage-bids/models \
+    HD_BET_PARAMS=/home/brainage/hd-bet_params \
+    OMP_NUM_THREADS=1 \
+    MKL_NUM_THREADS=1 \
+    OPENBLAS_NUM_THREADS=1 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    LC_ALL=C.UTF-8
+
+ARG VERSION=unknown
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+LABEL org.opencontainers.image.title="brainage-bids" \
+      org.opencontainers.image.description="Brain age from T1w and T2-FLAIR MRI as a BIDS App" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:12.15-slim"
+
+WORKDIR /tmp
+ENTRYPOINT ["brainage-bids"]
+CMD ["--help"]
