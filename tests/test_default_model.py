@@ -53,3 +53,14 @@ def test_default_model_card_reports_held_out_test_metrics():
         assert recomputed[key] == pytest.approx(test[key])
     md = CARD.with_suffix(".md").read_text()
     assert f"{test['mae']:.2f}" in md and card["command"] in md
+
+
+def test_loaded_card_carries_the_reference_sd_for_qc():
+    """The held-out SD of the card next to the weights reaches the QC threshold."""
+    from brainage_bids.reports import qc
+
+    model = load_model(DEFAULT_MODEL)
+    card = json.loads(CARD.read_text())
+    assert model.card["test"]["mean_sd"] == pytest.approx(card["test"]["mean_sd"])
+    assert "predictions" not in model.card["test"]
+    assert qc.sd_threshold(qc.reference_sd(model.card)) == pytest.approx(1.5 * card["test"]["mean_sd"])

@@ -51,6 +51,7 @@ def trained_inputs(tmp_path_factory):
         nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, flair, 0).astype(np.float32),
                                  brain.affine), dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz")
         nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-brain_mask.nii.gz")
+        nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-flairbrain_mask.nii.gz")
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     return bids, out, root / "work"
 
@@ -85,6 +86,8 @@ def test_train_writes_weights_and_card(trained_inputs):
     assert model.sha256 == card["sha256"]
     assert model.input.shape == (40, 48, 40)
     assert model.card["age_range"] == card["age_range"]
+    assert card["test"]["mean_sd"] > 0
+    assert model.card["test"]["mean_sd"] == pytest.approx(card["test"]["mean_sd"])
 
 
 def test_train_resumes_after_interruption(trained_inputs, monkeypatch):
@@ -204,7 +207,7 @@ def test_flair_cv_ensemble_writes_members_oof_and_rows(trained_inputs, tmp_path)
                       model_names=[m[0] for m in request.members],
                       model_modalities=[m[2] for m in request.members],
                       preproc_file=str(anat / f"sub-s00_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz"),
-                      mask_file=str(anat / f"sub-s00_space-{TEMPLATE}_desc-brain_mask.nii.gz"),
+                      mask_file=str(anat / f"sub-s00_space-{TEMPLATE}_desc-flairbrain_mask.nii.gz"),
                       participant_id="sub-s00", source_file="sub-s00/anat/sub-s00_FLAIR.nii.gz",
                       suffix="FLAIR", chronological_age=20.0, precision="fp32")
     res = node.run(cwd=str(tmp_path))

@@ -213,7 +213,8 @@ def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = 
         spec = InputSpec.from_dict(obj["input"])
         centres = bin_centres(*config["bins"]) if arch == "sfcn" else None
         name = name or obj.get("name") or Path(path).stem
-        card = obj.get("card", {})
+        card = dict(obj.get("card", {}))
+        _merge_card_file(card, path)
         modality = modality or obj.get("modality", "T1w")
     elif layout == "ukb-sfcn":
         state = strip_module_prefix(obj)
@@ -235,3 +236,20 @@ def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = 
     return LoadedModel(name=name or Path(path).stem, arch=arch, network=net, input=spec,
                        centres=centres, sha256=sha256sum(path), path=path, card=card,
                        modality=modality)
+
+
+def _merge_card_file(card: dict, path: str) -> None:
+    """Add the held-out figures (``test``, ``validation``) of the model card written next to the
+    weights (``<stem>_card.json``) when the card inside the checkpoint lacks them."""
+    import json
+
+    card_file = Path(path).with_name(f"{Path(path).stem}_card.json")
+    if "test" in card or not card_file.is_file():
+        return
+    try:
+        full = json.loads(card_file.read_text())
+    except (OSError, ValueError):
+        return
+    for key in ("test", "validation"):
+        if isinstance(full.get(key), dict):
+            card[key] = {k: v for k, v in full[key].items() if k != "predictions"}

@@ -346,6 +346,12 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
     return net.eval(), best["epoch"] + 1, history
 
 
+def _mean_sd(sds) -> float | None:
+    """Mean predicted-age SD (None for scalar outputs, whose SDs are NaN)."""
+    sds = np.asarray(sds, dtype=float)
+    return float(np.mean(sds)) if len(sds) and np.isfinite(sds).all() else None
+
+
 def _nan_metrics() -> dict:
     return {"n": 0, "mae": float("nan"), "r2": float("nan"), "pearson_r": float("nan"),
             "mean_error": float("nan")}
@@ -437,11 +443,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         member = {"name": label, "seed": m["seed"], "fold": m["fold"], "best_epoch": best_epoch,
                   "history": history, "splits": {"train": len(m["train"]),
                                                  "validation": len(m["validation"])},
-                  "validation": metrics(y_pool[va], val_pred)}
+                  "validation": dict(metrics(y_pool[va], val_pred), mean_sd=_mean_sd(val_sd))}
         if x_test is not None:
             tp, tsd = predict_net(arch, net, x_test, centres, device)
             test_preds.append((tp, tsd))
-            member["test"] = metrics(y_test, tp)
+            member["test"] = dict(metrics(y_test, tp), mean_sd=_mean_sd(tsd))
         else:
             member["test"] = _nan_metrics()
         member["net"] = net.cpu()
@@ -454,7 +460,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
 
         ens = [ensemble([tp[i] for tp, _ in test_preds], [ts[i] for _, ts in test_preds])
                for i in range(len(y_test))]
-        results["test"] = metrics(y_test, [a for a, _ in ens])
+        results["test"] = dict(metrics(y_test, [a for a, _ in ens]),
+                               mean_sd=_mean_sd([sd for _, sd in ens]))
         results["test"]["predictions"] = [
             {"participant_id": e.participant_id, "age": e.age, "predicted_age": round(a, 4),
              "members": [round(float(tp[i]), 4) for tp, _ in test_preds]}
@@ -498,7 +505,10 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     files = []
     for m in members:
         f = out_dir / f"{m['name']}.pt"
-        m_card = dict(small_card, name=m["name"])
+        # held-out figures of the member travel with its weights (QC uses test.mean_sd)
+        m_card = dict(small_card, name=m["name"],
+                      test={k: v for k, v in m["test"].items() if k != "predictions"},
+                      validation=m["validation"])
         digest = save_checkpoint(f, m["net"], m["name"], config, spec, m_card, arch=arch,
                                  modality=modality)
         files.append(f)
