@@ -4,10 +4,11 @@ Speed settings (``precision``):
 
 - ``fp32``: plain float32, contiguous memory (reference).
 - ``fast`` (default): on CPU, float32 in the channels_last_3d memory format (same ages to 1e-3
-  year, ~10-40 % faster); on CUDA, float16 autocast.
-- ``bf16``: on CPU, channels_last_3d and bfloat16 autocast: 2-4x faster on small grids, but it
-  moved the shipped model's ages by up to 0.14 year in ``tests/test_inference.py``, above the
-  0.1-year tolerance, so it is opt-in. On CUDA it means bfloat16 autocast.
+  year; 1.6x faster on the 160x192x160 SFCN, a gain only in batches on smaller networks, see
+  ``scripts/benchmark_inference.py``); on CUDA, float16 autocast.
+- ``bf16``: on CPU, channels_last_3d and bfloat16 autocast: 2-3x faster than fp32, but it moved
+  the shipped model's ages by up to 0.15 year, above the 0.1-year tolerance, so it is opt-in.
+  On CUDA it means bfloat16 autocast.
 """
 from __future__ import annotations
 
