@@ -124,6 +124,7 @@ def make_outputs(root: Path) -> Path:
     for suffix in ("T1w", "FLAIR"):
         save(brain, tpl.affine, anat / f"sub-01_{SPACE}_desc-preproc_{suffix}.nii.gz")
     save(mask, tpl.affine, anat / f"sub-01_{SPACE}_desc-brain_mask.nii.gz")
+    save(mask, tpl.affine, anat / f"sub-01_{SPACE}_desc-flairbrain_mask.nii.gz")
     lesion = np.zeros_like(brain)
     c = np.array(brain.shape) // 2
     lesion[c[0] + 6:c[0] + 10, c[1]:c[1] + 5, c[2] + 4:c[2] + 8] = 1
@@ -234,7 +235,9 @@ def test_find_scans_groups_files_per_scan(synthetic):
     t1 = scans[0]
     assert {"preproc", "mask", "lesion", "saliency", "brainage", "brainage_json",
             "agedist"} <= set(t1.files)
-    assert scans[1].get("mask") == t1.get("mask")  # masks carry no suffix
+    # each modality has its own MNI brain mask: desc-brain (T1w), desc-flairbrain (FLAIR)
+    assert t1.get("mask").name.endswith("_desc-brain_mask.nii.gz")
+    assert scans[1].get("mask").name.endswith("_desc-flairbrain_mask.nii.gz")
     ses = find_scans(synthetic, "03")
     assert [s.session_id for s in ses] == ["ses-1", "ses-2"]
     crash = find_crash_files(synthetic, "sub-01")
