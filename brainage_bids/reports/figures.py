@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..utils.images import atomic_write_bytes, resample_to_grid
+from .qc import as_finite
 
 TEMPLATE_CONTOUR = "#ff4040"
 WM_CONTOUR = "#ffb000"
@@ -283,8 +284,8 @@ def age_figure(rows: pd.DataFrame, distributions: pd.DataFrame | None, out_file,
         rng = training_ranges.get(model)
         if rng:
             ax.fill_between(rng, y0 - 0.05, y0 + 0.9, color="#e8e8e8", lw=0, zorder=0)
-        pred = _num(r.get("predicted_age"))
-        sd = _num(r.get("predicted_age_sd"))
+        pred = as_finite(r.get("predicted_age"))
+        sd = as_finite(r.get("predicted_age_sd"))
         filled = str(r.get("lesion_filled", "false")).lower() == "true"
         d = None
         if distributions is not None and not filled and len(distributions):
@@ -307,7 +308,7 @@ def age_figure(rows: pd.DataFrame, distributions: pd.DataFrame | None, out_file,
             ax.text(1.01, y0 + 0.4, txt, transform=ax.get_yaxis_transform(), fontsize=8,
                     va="center", color=colour)
         ax.axhline(y0, color="#999999", lw=0.5)
-    ages = [a for a in (_num(v) for v in rows.get("chronological_age", [])) if a is not None]
+    ages = [a for a in (as_finite(v) for v in rows.get("chronological_age", [])) if a is not None]
     if ages:
         ax.axvline(ages[0], color=CHRONO_COLOUR, ls=":", lw=1.5,
                    label=f"chronological age {ages[0]:.1f} y")
@@ -334,14 +335,6 @@ def age_figure(rows: pd.DataFrame, distributions: pd.DataFrame | None, out_file,
     ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35 / (
         0.75 * n / 2 + 0.5)), ncol=4, frameon=False)
     return _save(fig, out_file)
-
-
-def _num(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 def scatter_figure(df: pd.DataFrame, out_file, *, group_col: str = "group",

@@ -62,7 +62,8 @@ FLAG_DESCRIPTIONS = {
 }
 
 
-def _finite(v) -> float | None:
+def as_finite(v) -> float | None:
+    """``v`` as a finite float, or None (missing, text, NaN, inf)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -72,7 +73,7 @@ def _finite(v) -> float | None:
 
 def mask_volume_implausible(volume_ml) -> bool:
     """True when the brain mask volume (mL) lies outside :data:`MASK_VOLUME_RANGE_ML`."""
-    v = _finite(volume_ml)
+    v = as_finite(volume_ml)
     return v is not None and not (MASK_VOLUME_RANGE_ML[0] <= v <= MASK_VOLUME_RANGE_ML[1])
 
 
@@ -80,7 +81,7 @@ def reference_sd(card: dict | None) -> float | None:
     """A model's mean predicted-age SD on its held-out data (card ``test.mean_sd``, else
     ``validation.mean_sd``), or None."""
     for part in ("test", "validation"):
-        v = _finite(((card or {}).get(part) or {}).get("mean_sd"))
+        v = as_finite(((card or {}).get(part) or {}).get("mean_sd"))
         if v is not None and v > 0:
             return v
     return None
@@ -88,13 +89,13 @@ def reference_sd(card: dict | None) -> float | None:
 
 def sd_threshold(reference: float | None) -> float:
     """The SD above which ``predicted_age_sd_high`` is raised."""
-    ref = _finite(reference)
+    ref = as_finite(reference)
     return SD_REFERENCE_FACTOR * ref if ref is not None and ref > 0 else SD_ABSOLUTE_MAX
 
 
 def predicted_age_sd_high(sd, reference: float | None = None) -> bool:
     """True when ``sd`` (years) exceeds :func:`sd_threshold` of ``reference``."""
-    s = _finite(sd)
+    s = as_finite(sd)
     return s is not None and s > sd_threshold(reference)
 
 
@@ -125,8 +126,8 @@ def lesion_filling_flags(rows) -> list[list[str]]:
         return out
     filled = df["lesion_filled"].map(_is_true)
     for model, g in df.groupby(df["model"].astype(str), sort=False):
-        raw = [_finite(v) for v in g.loc[~filled[g.index], "predicted_age"]]
-        fil = [_finite(v) for v in g.loc[filled[g.index], "predicted_age"]]
+        raw = [as_finite(v) for v in g.loc[~filled[g.index], "predicted_age"]]
+        fil = [as_finite(v) for v in g.loc[filled[g.index], "predicted_age"]]
         raw = [v for v in raw if v is not None]
         fil = [v for v in fil if v is not None]
         if raw and fil and abs(sum(fil) / len(fil) - sum(raw) / len(raw)) > LESION_FILLING_MAX_DIFF:
