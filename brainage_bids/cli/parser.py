@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     proc.add_argument("--saliency", action=argparse.BooleanOptionalAction, default=None,
                       help="write SmoothGrad saliency maps (25 noisy samples; default: on when "
                            "networks run on CUDA, off on CPU, where it takes ~15 s per scan)")
+    proc.add_argument("--lesion-masks", metavar="DIR",
+                      help="BIDS derivatives dataset of lesion masks (sub-<l>[_ses-<l>][...]"
+                           "_label-lesion_mask.nii.gz, in the space of the image they were "
+                           "drawn on; mod-T1w/mod-FLAIR restricts one to a modality): scans with "
+                           "a mask get lesion-filled rows besides the raw ones, a filled image "
+                           "and the MNI lesion mask")
     proc.add_argument("--reports-only", action="store_true",
                       help="participant/group: only regenerate the HTML reports from existing "
                            "outputs")

@@ -213,6 +213,19 @@ def run_participant(opts) -> int:
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation,
                           modalities=opts.modalities)
     models = [] if opts.preproc_only else resolve_models(opts)
+    lesion_masks = None
+    if opts.lesion_masks:
+        from ..utils.lesions import match_lesion_masks
+
+        lesion_dir = Path(opts.lesion_masks).resolve()
+        if not lesion_dir.is_dir():
+            raise UsageError(f"--lesion-masks: folder not found: {lesion_dir}", EXIT_NO_INPUT)
+        matched = match_lesion_masks(lesion_dir, scans, complete_selection=not (
+            opts.participant_label or opts.session_label or opts.bids_filter_file))
+        lesion_masks = {**matched.empty, **matched.by_scan}
+        LOG.info("lesion masks: %d scan(s) filled, %d with an empty mask, %d without a mask",
+                 len(matched.by_scan), len(matched.empty),
+                 len(scans) - len(matched.by_scan) - len(matched.empty))
     for scan in scans:
         if scan.age is None and models:
             LOG.warning("%s: no age in sessions.tsv or participants.tsv; it is predicted and its "
@@ -229,7 +242,7 @@ def run_participant(opts) -> int:
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
         template=str(template.brain), template_mask=str(template.mask), models=models,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
-        precision=opts.precision, saliency=saliency)
+        precision=opts.precision, saliency=saliency, lesion_masks=lesion_masks)
     from nipype import config as ncfg
 
     ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
@@ -244,8 +257,11 @@ def run_participant(opts) -> int:
     failed = []
     for scan in scans:
         paths = derivative_paths(scan, str(output_dir))
+        lesion = (lesion_masks or {}).get(scan.path)
         expected = [paths["preproc"], paths["mask"]] + (
-            [paths["brainage"]] if models_for(scan, models) else [])
+            [paths["brainage"]] if models_for(scan, models) else []) + (
+            [paths["filled"], paths["lesion"]] if lesion is not None and not lesion.empty
+            else [])
         if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
             failed.append(scan)
     failed_subjects = sorted({s.participant_id for s in failed})

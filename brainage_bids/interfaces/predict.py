@@ -18,8 +18,13 @@ from nipype.interfaces.base import (
 from .. import __version__
 from ..reports import qc as _qc
 
-COLUMNS = ("participant_id", "session_id", "source_file", "suffix", "model", "chronological_age",
-           "predicted_age", "predicted_age_sd", "brain_age_gap", "lesion_filled", "qc_flags")
+#: The DESIGN.md contract: every participant-level table starts with these columns.
+CONTRACT_COLUMNS = ("participant_id", "session_id", "source_file", "suffix", "model",
+                    "chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap",
+                    "lesion_filled", "qc_flags")
+#: Columns added after the contract ones (n/a in tables written before they existed).
+EXTRA_COLUMNS = ("lesion_volume_ml",)
+COLUMNS = CONTRACT_COLUMNS + EXTRA_COLUMNS
 
 COLUMN_DESCRIPTIONS = {
     "participant_id": {"Description": "BIDS participant label (sub-<label>)"},
@@ -56,6 +61,10 @@ COLUMN_DESCRIPTIONS = {
 COLUMN_DESCRIPTIONS["qc_flags"]["Levels"].update(
     {k: v for k, v in _qc.FLAG_DESCRIPTIONS.items()
      if k not in COLUMN_DESCRIPTIONS["qc_flags"]["Levels"]})
+COLUMN_DESCRIPTIONS["lesion_volume_ml"] = {
+    "Description": "volume of the scan's lesion mask (--lesion-masks) on the mask's own grid "
+                   "(voxels >= 0.5); 0 for a mask without voxels; n/a when the scan has no "
+                   "lesion mask", "Units": "mL"}
 FLAG_ORDER = ("low_registration", "age_outside_training_range", "model_modality_mismatch",
               "mask_volume_implausible", "predicted_age_sd_high", "lesion_filling_disagreement")
 
@@ -85,7 +94,7 @@ def qc_flags(registration_correlation: float | None, age: float | None,
 
 
 def brainage_row(*, participant_id, session_id, source_file, suffix, model, age, predicted, sd,
-                 lesion_filled=False, flags=()) -> dict:
+                 lesion_filled=False, flags=(), lesion_volume_ml=None) -> dict:
     """One row of the participant-level table; missing values are None (written as n/a)."""
     return {
         "participant_id": participant_id, "session_id": session_id, "source_file": source_file,
@@ -95,7 +104,18 @@ def brainage_row(*, participant_id, session_id, source_file, suffix, model, age,
         "brain_age_gap": None if age is None else round(float(predicted) - float(age), 4),
         "lesion_filled": "true" if lesion_filled else "false",
         "qc_flags": ";".join(flags) if flags else None,
+        "lesion_volume_ml": None if lesion_volume_ml is None else round(float(lesion_volume_ml), 3),
     }
+
+
+def add_lesion_filling_flags(rows: list[dict]) -> None:
+    """Append ``lesion_filling_disagreement`` (reports/qc.py) to the rows of models whose raw and
+    lesion-filled predictions disagree; no change without both kinds of row."""
+    for row, extra in zip(rows, _qc.lesion_filling_flags(rows)):
+        if extra:
+            flags = _qc.split_flags(row["qc_flags"])
+            flags += [f for f in extra if f not in flags]
+            row["qc_flags"] = ";".join(flags)
 
 
 def write_table(rows: list[dict], path: str) -> None:
@@ -166,6 +186,10 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
     registration_correlation = traits.Float()
     registration_dice = traits.Float()
     mask_volume_ml = traits.Float()
+    filled_file = File(exists=True, desc="lesion-filled brain in MNI space: adds lesion_filled "
+                                         "rows")
+    filled_head_file = File(exists=True, desc="lesion-filled whole head in MNI space")
+    lesion_volume_ml = traits.Float(desc="lesion mask volume, written on every row")
     saliency = traits.Bool(False, usedefault=True, desc="write a SmoothGrad map (25 samples)")
     template = File(exists=True, desc="MNI template: the grid of the saliency map")
 
@@ -182,7 +206,9 @@ class PredictAge(SimpleInterface):
     """Predict brain age with one or several models and write the participant-level rows.
 
     One row per model; with several models a last row ``model=ensemble`` (see
-    :func:`brainage_bids.models.inference.ensemble`).
+    :func:`brainage_bids.models.inference.ensemble`). With ``filled_file`` the same rows again
+    on the lesion-filled image (``lesion_filled=true``), and both kinds of row of a model get
+    ``lesion_filling_disagreement`` when they differ by more than the QC threshold.
     """
 
     input_spec = _PredictInputSpec
@@ -206,47 +232,70 @@ class PredictAge(SimpleInterface):
         dice = (self.inputs.registration_dice
                 if isdefined(self.inputs.registration_dice) else None)
         head = self.inputs.head_file if isdefined(self.inputs.head_file) else None
+        lesion_ml = (self.inputs.lesion_volume_ml if isdefined(self.inputs.lesion_volume_ml)
+                     else None)
         common = dict(participant_id=self.inputs.participant_id,
                       session_id=self.inputs.session_id or None,
-                      source_file=self.inputs.source_file, suffix=self.inputs.suffix, age=age)
-        inputs: dict = {}  # model input arrays, computed once per input specification
-        rows, models, dist, ages, sds, all_flags = [], [], [], [], [], set()
-        for i, path in enumerate(self.inputs.model_files):
-            model = load_model(path, device=device, name=names[i] if i < len(names) else None,
-                               modality=(modalities[i] or None) if i < len(modalities) else None)
-            if model.input not in inputs:
-                inputs[model.input] = model_input(self.inputs.preproc_file, self.inputs.mask_file,
-                                                  model.input, head_file=head)
-            mean, sd, prob = predict_arrays(model, [inputs[model.input]], device=device,
-                                            precision=self.inputs.precision)
-            flags = qc_flags(reg, age, model_age_range(model), self.inputs.suffix, dice)
-            flags += _qc.scan_flags(predicted_age_sd=sd[0], reference_sd=_qc.reference_sd(model.card),
-                                    mask_volume_ml=vol)
-            if model.modality and model.modality != self.inputs.suffix:
-                flags.append("model_modality_mismatch")
-            all_flags.update(flags)
-            rows.append(brainage_row(model=model.name, predicted=mean[0], sd=sd[0], flags=flags,
-                                     **common))
-            models.append(model)
-            ages.append(float(mean[0]))
-            sds.append(float(sd[0]))
-            if prob is not None:
-                dist += [{"model": model.name, "age": round(float(c), 4),
-                          "probability": float(q)} for c, q in zip(model.centres, prob[0])]
-        if len(models) > 1:
-            e_age, e_sd = ensemble(ages, sds)
-            refs = [r for r in (_qc.reference_sd(m.card) for m in models) if r is not None]
-            all_flags.update(_qc.scan_flags(predicted_age_sd=e_sd,
-                                            reference_sd=float(np.mean(refs)) if refs else None,
-                                            mask_volume_ml=vol))
-            order = [f for f in FLAG_ORDER if f in all_flags]
-            rows.append(brainage_row(model="ensemble", predicted=e_age, sd=e_sd, flags=order,
-                                     **common))
+                      source_file=self.inputs.source_file, suffix=self.inputs.suffix, age=age,
+                      lesion_volume_ml=lesion_ml)
+        conditions = [(False, self.inputs.preproc_file, head)]
+        if isdefined(self.inputs.filled_file):
+            conditions.append((True, self.inputs.filled_file,
+                               self.inputs.filled_head_file
+                               if isdefined(self.inputs.filled_head_file) else None))
+        models = [load_model(path, device=device, name=names[i] if i < len(names) else None,
+                             modality=(modalities[i] or None) if i < len(modalities) else None)
+                  for i, path in enumerate(self.inputs.model_files)]
+        rows, dist = [], []
+        inputs: dict = {}  # raw model input arrays, once per input specification (saliency)
+        for filled, image, head_image in conditions:
+            arrays: dict = {}
+            ages, sds, all_flags = [], [], set()
+            for model in models:
+                if model.input not in arrays:
+                    arrays[model.input] = model_input(image, self.inputs.mask_file, model.input,
+                                                      head_file=head_image)
+                mean, sd, prob = predict_arrays(model, [arrays[model.input]], device=device,
+                                                precision=self.inputs.precision)
+                flags = qc_flags(reg, age, model_age_range(model), self.inputs.suffix, dice)
+                flags += _qc.scan_flags(predicted_age_sd=sd[0],
+                                        reference_sd=_qc.reference_sd(model.card),
+                                        mask_volume_ml=vol)
+                if model.modality and model.modality != self.inputs.suffix:
+                    flags.append("model_modality_mismatch")
+                all_flags.update(flags)
+                rows.append(brainage_row(model=model.name, predicted=mean[0], sd=sd[0],
+                                         flags=flags, lesion_filled=filled, **common))
+                ages.append(float(mean[0]))
+                sds.append(float(sd[0]))
+                if prob is not None and not filled:  # distributions of the raw rows only
+                    dist += [{"model": model.name, "age": round(float(c), 4),
+                              "probability": float(q)} for c, q in zip(model.centres, prob[0])]
+            if len(models) > 1:
+                e_age, e_sd = ensemble(ages, sds)
+                refs = [r for r in (_qc.reference_sd(m.card) for m in models) if r is not None]
+                all_flags.update(_qc.scan_flags(predicted_age_sd=e_sd,
+                                                reference_sd=float(np.mean(refs)) if refs else None,
+                                                mask_volume_ml=vol))
+                order = [f for f in FLAG_ORDER if f in all_flags]
+                rows.append(brainage_row(model="ensemble", predicted=e_age, sd=e_sd, flags=order,
+                                         lesion_filled=filled, **common))
+            if not filled:
+                inputs = arrays
+        add_lesion_filling_flags(rows)
+        raw_rows = [r for r in rows if r["lesion_filled"] == "false"]
         tsv = os.path.join(runtime.cwd, "brainage.tsv")
         write_table(rows, tsv)
         js = os.path.join(runtime.cwd, "brainage.json")
         with open(js, "w") as fh:
-            json.dump(brainage_sidecar(models, reg, vol, self.inputs.precision, dice), fh, indent=2)
+            meta = brainage_sidecar(models, reg, vol, self.inputs.precision, dice)
+            if len(conditions) > 1:
+                meta["LesionFilling"] = {
+                    "Rows": "lesion_filled=false: the image as acquired; lesion_filled=true: the "
+                            "same image with its lesions filled (see the sidecar of the "
+                            "desc-lesionfilled image); age distributions are those of the raw "
+                            "rows"}
+            json.dump(meta, fh, indent=2)
         if self.inputs.saliency:
             from ..models.saliency import mni_saliency
 
@@ -260,5 +309,5 @@ class PredictAge(SimpleInterface):
         pd.DataFrame(dist, columns=["model", "age", "probability"]).to_csv(
             dist_tsv, sep="\t", index=False, float_format="%.6g")
         self._results.update(out_tsv=tsv, out_json=js, out_distribution=dist_tsv,
-                             predicted_age=float(rows[-1]["predicted_age"]))
+                             predicted_age=float(raw_rows[-1]["predicted_age"]))
         return runtime

@@ -53,14 +53,18 @@ class ScanOutputs:
 def _kind(desc: str, suffix: str, ext: str) -> tuple[str, str | None] | None:
     """(kind, suffix it belongs to or None for every suffix) of a derivative file name."""
     if suffix == "mask" and ext == "nii.gz":
-        # desc-brain is the T1w mask; desc-<suffix>brain (e.g. flairbrain) that of another modality
+        # desc-brain / desc-lesion are the T1w masks; desc-<suffix>brain / desc-<suffix>lesion
+        # (e.g. flairbrain, flairlesion) those of another modality
         for s in IMAGE_SUFFIXES:
             if s != "T1w" and desc == f"{s.lower()}brain":
                 return ("mask", s)
-        return {"brain": ("mask", "T1w"), "lesion": ("lesion", None)}.get(desc)
+            if s != "T1w" and desc == f"{s.lower()}lesion":
+                return ("lesion", s)
+        return {"brain": ("mask", "T1w"), "lesion": ("lesion", "T1w")}.get(desc)
     if suffix not in IMAGE_SUFFIXES:
         return None
     table = {("preproc", "nii.gz"): "preproc", ("preproc", "json"): "preproc_json",
+             ("lesionfilled", "nii.gz"): "filled", ("lesionfilled", "json"): "filled_json",
              ("brainage", "tsv"): "brainage", ("brainage", "json"): "brainage_json",
              ("agedist", "tsv"): "agedist", ("saliency", "nii.gz"): "saliency"}
     kind = table.get((desc, ext))
@@ -69,8 +73,9 @@ def _kind(desc: str, suffix: str, ext: str) -> tuple[str, str | None] | None:
 
 def find_scans(output_dir, participant_id: str) -> list[ScanOutputs]:
     """Every scan of one participant with any participant-level output, in session then
-    T1w-before-FLAIR order. Brain and lesion masks (no suffix in their name) go to every scan
-    with the same entities."""
+    T1w-before-FLAIR order. Brain and lesion masks name their modality in desc (``brain`` and
+    ``lesion`` for T1w, ``<suffix>brain`` and ``<suffix>lesion`` otherwise); a mask of no known
+    modality would go to every scan with the same entities."""
     label = participant_id.removeprefix("sub-")
     root = Path(output_dir) / f"sub-{label}"
     scans: dict[tuple, ScanOutputs] = {}

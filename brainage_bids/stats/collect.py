@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..interfaces.predict import COLUMNS
+from ..interfaces.predict import CONTRACT_COLUMNS, EXTRA_COLUMNS
 
 
 def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
@@ -22,7 +22,10 @@ def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
     frames = [pd.read_csv(f, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=text)
               for f in files]
     df = pd.concat(frames, ignore_index=True)
-    missing = [c for c in COLUMNS if c not in df]
+    missing = [c for c in CONTRACT_COLUMNS if c not in df]
     if missing:
         raise ValueError(f"participant tables lack columns {missing}")
+    for c in EXTRA_COLUMNS:  # absent from tables written before the column existed
+        if c not in df:
+            df[c] = float("nan")
     return df

@@ -23,7 +23,8 @@ edss_by_diagnosis; lm_gap_diagnosis, lm_gap_phenotype, lm_gap_duration, lm_edss_
 age, sex and the spec covariates; among patients, diagnosis too when there are several);
 psm_balance, psm_pairs, psm_gap; edss_worsening, roc_worsening, km_worsening, logrank_worsening,
 cox_worsening (Cox covariates: gap, age, sex, baseline EDSS, disease duration, spec covariates,
-and diagnosis for "all patients"). Controls the model was trained or selected on (its model card,
+and diagnosis for "all patients"); lesion_filling_agreement (raw against lesion-filled brain age
+per model and suffix, every model, see stats/agreement.py, with a Bland-Altman figure). Controls the model was trained or selected on (its model card,
 when it was trained on this dataset) are left out of the bias fit and the accuracy figures.
 """
 from __future__ import annotations
@@ -305,6 +306,7 @@ class GroupRun:
                           corrected[out_cols].to_csv(sep="\t", index=False, na_rep="n/a"))
         self.write_bias_json(bias)
 
+        all_rows = corrected
         corrected = self.exclude_flagged(corrected)
         controls = corrected[is_control_honest[corrected.index]] if len(corrected) else corrected
         controls = one_row_per_participant(controls[~self._filled(controls)]) \
@@ -336,6 +338,7 @@ class GroupRun:
                            ("km_worsening", self.km_worsening),
                            ("cox_worsening", self.cox_worsening)]:
             self.attempt(name, lambda sub, f=func: f(sub, survival), subsets)
+        self.lesion_filling_agreement(all_rows)
         self.finish()
         return {"brainage": str(self.group_dir / "brainage.tsv"),
                 "bias_correction": str(self.group_dir / "bias_correction.json"),
@@ -1025,6 +1028,46 @@ class GroupRun:
                                                 analysis="cox_worsening")
             return out.rename(columns={"model": "cox_model"})
         return self._per_subgroup(d, survival, "cox_worsening", one)
+
+    # ---- raw versus lesion-filled (stats/agreement.py)
+    def lesion_filling_agreement(self, df: pd.DataFrame) -> None:
+        """Agreement of raw and lesion-filled brain age per (model, suffix). Rows carrying an
+        ``exclude_qc_flags`` flag are left out, except for ``lesion_filling_disagreement``, which
+        this analysis measures."""
+        from .agreement import ANALYSIS, agreement_subsets
+
+        flags = set(self.spec["exclude_qc_flags"]) - {"lesion_filling_disagreement"}
+        if flags and len(df):
+            bad = df["qc_flags"].fillna("").astype(str).map(
+                lambda s: bool(set(s.split(";")) & flags))
+            df = df[~bad]
+        subsets = agreement_subsets(df)
+        if not subsets:
+            def none():
+                raise Skip("no lesion-filled rows (run the participant level with "
+                           "--lesion-masks)")
+            self.attempt(ANALYSIS, none)
+            return
+        self.attempt(ANALYSIS, self._agreement, subsets)
+
+    def _agreement(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        from .agreement import agreement, bland_altman_figure
+
+        model, suffix = pairs.attrs["key"]
+        if len(pairs) < 2:
+            raise Skip(f"{len(pairs)} participant(s) with both raw and lesion-filled rows: at "
+                       "least 2 are needed")
+        table = agreement(pairs["raw"], pairs["filled"])
+        try:
+            import matplotlib.pyplot as plt
+
+            fig = bland_altman_figure(pairs, table, f"{model} {suffix}: raw vs lesion-filled "
+                                                    "brain age")
+            self._save(fig, self.fig_dir / f"lesion_agreement_{_slug(model, suffix)}.png")
+            plt.close(fig)
+        except Exception as exc:  # a figure must not cost the table
+            LOG.warning("Bland-Altman figure for %s/%s failed: %s", model, suffix, exc)
+        return table
 
     # ---- figures
     def figure_scatter(self, df: pd.DataFrame) -> None:

@@ -16,13 +16,18 @@ def derivative_paths(scan: Scan, output_dir: str) -> dict:
 
     The brain mask of a T1w scan is ``desc-brain_mask``; other modalities of the same session
     have their own mask from their own registration, ``desc-<suffix>brain_mask`` (e.g.
-    ``desc-flairbrain_mask``), so the two never overwrite each other.
+    ``desc-flairbrain_mask``), so the two never overwrite each other; lesion masks in MNI follow
+    the same rule (``desc-lesion_mask``, ``desc-flairlesion_mask``). ``filled`` is the
+    lesion-filled MNI image (``desc-lesionfilled_<suffix>``).
     """
     base = os.path.join(os.path.abspath(output_dir), scan.anat_dir, scan.prefix)
     mask_desc = "brain" if scan.suffix == "T1w" else f"{scan.suffix.lower()}brain"
+    lesion_desc = "lesion" if scan.suffix == "T1w" else f"{scan.suffix.lower()}lesion"
     return {
         "preproc": f"{base}_space-{TEMPLATE}_desc-preproc_{scan.suffix}.nii.gz",
         "mask": f"{base}_space-{TEMPLATE}_desc-{mask_desc}_mask.nii.gz",
+        "filled": f"{base}_space-{TEMPLATE}_desc-lesionfilled_{scan.suffix}.nii.gz",
+        "lesion": f"{base}_space-{TEMPLATE}_desc-{lesion_desc}_mask.nii.gz",
         "saliency": f"{base}_space-{TEMPLATE}_desc-saliency_{scan.suffix}.nii.gz",
         "brainage": f"{base}_desc-brainage_{scan.suffix}.tsv",
         "distribution": f"{base}_desc-agedist_{scan.suffix}.tsv",
@@ -89,4 +94,37 @@ def init_ds_brainage_wf(*, scan: Scan, output_dir: str, saliency: bool = False,
                                      "over the models of the scan"}),
             name="ds_saliency", run_without_submitting=True, overwrite=True)
         wf.connect(inputnode, "out_saliency", ds_saliency, "in_file")
+    return wf
+
+
+def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str,
+                      name: str = "ds_lesion_wf"):
+    """Write the lesion-filled MNI image (sidecar: the filling report) and the lesion mask in MNI.
+
+    Inputs: ``filled``, ``lesion``, ``fill_report``.
+    """
+    paths = derivative_paths(scan, output_dir)
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["filled", "lesion", "fill_report"]),
+                        name="inputnode")
+    sources = [f"bids:raw:{scan.relpath}", lesion_file]
+    ds_filled = pe.Node(DerivativesSink(
+        out_path=paths["filled"],
+        metadata={"SpatialReference": TEMPLATE, "Sources": sources, "SkullStripped": True,
+                  "Description": "the desc-preproc image with its lesions filled with "
+                                 "normal-appearing white-matter intensities before resampling "
+                                 "and normalisation (same transform and brain mask as "
+                                 "desc-preproc)",
+                  "IntensityNormalisation": "divided by the mean inside the brain mask"}),
+        name="ds_filled", run_without_submitting=True, overwrite=True)
+    ds_lesion = pe.Node(DerivativesSink(
+        out_path=paths["lesion"],
+        metadata={"SpatialReference": TEMPLATE, "Sources": sources, "Type": "Lesion",
+                  "Resampling": "the lesion mask on the image grid, brought to MNI with the "
+                                "image's affine (trilinear, thresholded at 0.5)"}),
+        name="ds_lesion", run_without_submitting=True, overwrite=True)
+    wf.connect([
+        (inputnode, ds_filled, [("filled", "in_file"), ("fill_report", "sidecar_file")]),
+        (inputnode, ds_lesion, [("lesion", "in_file")]),
+    ])
     return wf

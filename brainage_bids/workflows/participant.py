@@ -8,7 +8,7 @@ from copy import deepcopy
 from nipype.pipeline import engine as pe
 
 from ..utils.bids import Scan
-from .outputs import init_ds_brainage_wf, init_ds_preproc_wf
+from .outputs import init_ds_brainage_wf, init_ds_lesion_wf, init_ds_preproc_wf
 from .predict import init_predict_wf, needs_head
 from .preproc import init_preproc_wf
 
@@ -28,25 +28,39 @@ def models_for(scan: Scan, models: list | None) -> list:
 
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
                  models: list | None, skull_strip: str, device: str, omp_nthreads: int,
-                 precision: str = "fast", saliency: bool = False, name: str | None = None):
+                 precision: str = "fast", saliency: bool = False, lesion=None,
+                 name: str | None = None):
     """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
-    write its brain-age table."""
+    write its brain-age table.
+
+    ``lesion`` (utils.lesions.LesionMask): with voxels, the lesions are filled, the filled image
+    and the MNI lesion mask are written and the table gets lesion-filled rows too; its volume
+    goes in ``lesion_volume_ml`` (also for a mask without voxels).
+    """
     wf = pe.Workflow(name=name or f"scan_{_safe(scan.prefix)}_{scan.suffix}")
     models = models_for(scan, models)
     head = bool(models) and needs_head(models)
+    fill = lesion is not None and not lesion.empty
     preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
                                  skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-                                 source_file=scan.path, head=head)
+                                 source_file=scan.path, head=head,
+                                 lesion_mask=lesion.path if fill else None)
     preproc_wf.inputs.inputnode.in_file = scan.path
     ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip)
     wf.connect([(preproc_wf, ds_preproc_wf, [
         ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
         ("outputnode.registration_report", "inputnode.registration_report")])])
+    if fill:
+        ds_lesion_wf = init_ds_lesion_wf(scan=scan, output_dir=output_dir, lesion_file=lesion.path)
+        wf.connect([(preproc_wf, ds_lesion_wf, [
+            ("outputnode.filled", "inputnode.filled"), ("outputnode.lesion", "inputnode.lesion"),
+            ("outputnode.fill_report", "inputnode.fill_report")])])
     if models:
         predict_wf = init_predict_wf(
             models=models, participant_id=scan.participant_id, session_id=scan.session_id,
             source_file=scan.relpath, suffix=scan.suffix, age=scan.age, device=device,
-            omp_nthreads=omp_nthreads, precision=precision, saliency=saliency, template=template)
+            omp_nthreads=omp_nthreads, precision=precision, saliency=saliency, template=template,
+            lesion_filled=fill, lesion_volume_ml=None if lesion is None else lesion.volume_ml)
         ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir, saliency=saliency)
         wf.connect([
             (preproc_wf, predict_wf, [
@@ -54,7 +68,10 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
                 ("outputnode.registration_correlation", "inputnode.registration_correlation"),
                 ("outputnode.registration_dice", "inputnode.registration_dice"),
                 ("outputnode.mask_volume_ml", "inputnode.mask_volume_ml")]
-                + ([("outputnode.head", "inputnode.head")] if head else [])),
+                + ([("outputnode.head", "inputnode.head")] if head else [])
+                + ([("outputnode.filled", "inputnode.filled")] if fill else [])
+                + ([("outputnode.filled_head", "inputnode.filled_head")] if fill and head
+                   else [])),
             (predict_wf, ds_brainage_wf, [("outputnode.out_tsv", "inputnode.out_tsv"),
                                           ("outputnode.out_json", "inputnode.out_json"),
                                           ("outputnode.out_distribution",
@@ -65,11 +82,14 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
 
 
 def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir: str, run_id: str,
-                           name: str | None = None, **scan_kwargs):
-    """All scans of one participant; crash files go to ``sub-<l>/log/<run_id>/``."""
+                           lesion_masks: dict | None = None, name: str | None = None,
+                           **scan_kwargs):
+    """All scans of one participant; crash files go to ``sub-<l>/log/<run_id>/``.
+    ``lesion_masks``: scan path -> utils.lesions.LesionMask."""
     wf = pe.Workflow(name=name or f"single_subject_{_safe(participant_id[4:])}_wf")
     for scan in scans:
-        wf.add_nodes([init_scan_wf(scan=scan, output_dir=output_dir, **scan_kwargs)])
+        wf.add_nodes([init_scan_wf(scan=scan, output_dir=output_dir,
+                                   lesion=(lesion_masks or {}).get(scan.path), **scan_kwargs)])
     wf.config["execution"]["crashdump_dir"] = crash_dir(output_dir, participant_id, run_id)
     wf.config["execution"]["crashfile_format"] = "txt"
     for node in wf._get_all_nodes():
@@ -80,8 +100,10 @@ def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir
 def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_id: str,
                      template: str, template_mask: str, models: list | None,
                      skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
-                     precision: str = "fast", saliency: bool = False, name: str = "brainage_wf"):
-    """The participant level over all selected scans, one sub-workflow per participant."""
+                     precision: str = "fast", saliency: bool = False,
+                     lesion_masks: dict | None = None, name: str = "brainage_wf"):
+    """The participant level over all selected scans, one sub-workflow per participant.
+    ``lesion_masks``: scan path -> utils.lesions.LesionMask (see utils/lesions.py)."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
     by_subject: dict[str, list[Scan]] = {}
     for scan in scans:
@@ -91,5 +113,5 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
             participant_id=participant_id, scans=subject_scans, output_dir=output_dir, run_id=run_id,
             template=template, template_mask=template_mask, models=models,
             skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-            precision=precision, saliency=saliency)])
+            precision=precision, saliency=saliency, lesion_masks=lesion_masks)])
     return wf

@@ -12,19 +12,22 @@ from ..interfaces.predict import PredictAge
 def init_predict_wf(*, models: list, participant_id: str, session_id: str | None,
                     source_file: str, suffix: str, age: float | None, device: str = "cpu",
                     omp_nthreads: int = 1, precision: str = "fast", saliency: bool = False,
-                    template: str | None = None, name: str = "predict_wf"):
+                    template: str | None = None, lesion_filled: bool = False,
+                    lesion_volume_ml: float | None = None, name: str = "predict_wf"):
     """Predict brain age with every member of ``models`` (zoo.ModelRequest) on one scan.
 
     One row per member; with more than one member, an ensemble row. ``saliency`` adds a
-    SmoothGrad map on the grid of ``template``.
+    SmoothGrad map on the grid of ``template``. ``lesion_filled`` adds the rows of the
+    lesion-filled image (inputs ``filled``, ``filled_head``); ``lesion_volume_ml`` goes on every
+    row.
     Inputs: ``preproc``, ``mask``, ``head`` (optional), ``registration_correlation``,
-    ``registration_dice``, ``mask_volume_ml``. Outputs: ``out_tsv``, ``out_json``,
-    ``out_distribution``, ``out_saliency`` (with ``saliency``).
+    ``registration_dice``, ``mask_volume_ml``, ``filled``, ``filled_head``. Outputs:
+    ``out_tsv``, ``out_json``, ``out_distribution``, ``out_saliency`` (with ``saliency``).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["preproc", "mask", "head", "registration_correlation", "registration_dice",
-                "mask_volume_ml"]),
+                "mask_volume_ml", "filled", "filled_head"]),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["out_tsv", "out_json", "out_distribution", "out_saliency"]), name="outputnode")
@@ -40,6 +43,8 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
         predict.inputs.template = template
     if age is not None:
         predict.inputs.chronological_age = float(age)
+    if lesion_volume_ml is not None:
+        predict.inputs.lesion_volume_ml = float(lesion_volume_ml)
     wf.connect([
         (inputnode, predict, [("preproc", "preproc_file"), ("mask", "mask_file"),
                               ("registration_correlation", "registration_correlation"),
@@ -52,6 +57,10 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
         wf.connect(predict, "out_saliency", outputnode, "out_saliency")
     if needs_head(models):
         wf.connect(inputnode, "head", predict, "head_file")
+    if lesion_filled:
+        wf.connect(inputnode, "filled", predict, "filled_file")
+        if needs_head(models):
+            wf.connect(inputnode, "filled_head", predict, "filled_head_file")
     return wf
 
 
