@@ -196,6 +196,8 @@ def test_derivative_paths(synthetic_bids, tmp_path):
         "mask": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-brain_mask.nii.gz"),
         "brainage": str(base / "sub-04_ses-A_desc-brainage_T1w.tsv"),
         "distribution": str(base / "sub-04_ses-A_desc-agedist_T1w.tsv"),
+        "filled": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-lesionfilled_T1w.nii.gz"),
+        "lesion": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-lesion_mask.nii.gz"),
         "saliency": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-saliency_T1w.nii.gz"),
     }
 

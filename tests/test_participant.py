@@ -206,6 +206,13 @@ def test_group_level(run):
             else:
                 assert grow[col] == single[col], col
     assert run.after == listing(run.bids)
+    # the group report renders from these real outputs and every file it references exists
+    import re
+
+    report = run.out / "group" / "report.html"
+    refs = re.findall(r'(?:src|href)="([^"#:]+)"', report.read_text())
+    assert refs and all((report.parent / r).exists() for r in refs), \
+        [r for r in refs if not (report.parent / r).exists()]
 
 
 def test_example_dataset(tmp_path, random_model):

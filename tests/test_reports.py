@@ -129,6 +129,9 @@ def make_outputs(root: Path) -> Path:
     c = np.array(brain.shape) // 2
     lesion[c[0] + 6:c[0] + 10, c[1]:c[1] + 5, c[2] + 4:c[2] + 8] = 1
     save(lesion, tpl.affine, anat / f"sub-01_{SPACE}_desc-lesion_mask.nii.gz")
+    save(lesion, tpl.affine, anat / f"sub-01_{SPACE}_desc-flairlesion_mask.nii.gz")
+    save(np.where(lesion > 0, 0.9, brain), tpl.affine,
+         anat / f"sub-01_{SPACE}_desc-lesionfilled_FLAIR.nii.gz")
     ijk = np.indices(brain.shape)
     blob = np.exp(-((ijk - c[:, None, None, None]) ** 2).sum(0) / 60.0) * mask
     save(blob, tpl.affine, anat / f"sub-01_{SPACE}_desc-saliency_T1w.nii.gz")
@@ -146,8 +149,10 @@ def make_outputs(root: Path) -> Path:
     pd.DataFrame(dist).to_csv(anat / "sub-01_desc-agedist_T1w.tsv", sep="\t", index=False)
     fsrc = "sub-01/anat/sub-01_FLAIR.nii.gz"
     write_rows(anat / "sub-01_desc-brainage_FLAIR.tsv", [
-        row("sub-01", "m-f", 45.0, 48.0, None, suffix="FLAIR", src=fsrc),
-        row("sub-01", "m-f", 45.0, 55.0, None, suffix="FLAIR", filled=True, src=fsrc)])
+        {**row("sub-01", "m-f", 45.0, 48.0, None, suffix="FLAIR", src=fsrc),
+         "lesion_volume_ml": 0.64},
+        {**row("sub-01", "m-f", 45.0, 55.0, None, suffix="FLAIR", filled=True, src=fsrc),
+         "lesion_volume_ml": 0.64}])
     (anat / "sub-01_desc-brainage_FLAIR.json").write_text(json.dumps(sidecar(["m-f"])))
     log = out / "sub-01" / "log" / "20260101-000000_aaaa"
     log.mkdir(parents=True)
@@ -253,12 +258,16 @@ def test_participant_report_synthetic(synthetic):
     for name in ("sub-01_T1w_desc-registration.png", "sub-01_desc-template_mosaic.png",
                  "sub-01_T1w_desc-brainmask.png", "sub-01_T1w_desc-saliency.png",
                  "sub-01_T1w_desc-agedist.svg", "sub-01_T1w_desc-input.png",
-                 "sub-01_FLAIR_desc-agedist.svg"):
+                 "sub-01_FLAIR_desc-agedist.svg", "sub-01_FLAIR_desc-lesionfilled.png",
+                 "sub-01_FLAIR_desc-lesionraw.png"):
         assert name in figs
         assert (synthetic / "sub-01" / "figures" / name).resolve() in paths
     html = report.read_text()
     assert "Lesion mask in magenta" in html
     assert "SmoothGrad saliency" in html
+    # lesion filling: filled and raw on the same slices, and the lesion volume of the scan
+    assert "Lesion filling" in html and "Lesion volume: <b>0.64 mL</b>" in html
+    assert html.count("Lesion volume:") == 1  # only the FLAIR scan has a volume
     # flags from the table, and those the report evaluates from the same outputs
     for flag in ("age_outside_training_range", "mask_volume_implausible",
                  "predicted_age_sd_high", "lesion_filling_disagreement"):
@@ -406,3 +415,20 @@ def test_reports_from_real_longitudinal_outputs(tmp_path):
     assert "ses-1 T1w" in html and "ses-2 T1w" in html
     assert_references_exist(written[0], min_images=6)
     assert_references_exist(written[1], min_images=1)
+
+
+def test_lesion_slices_go_through_the_lesions():
+    from brainage_bids.reports.figures import lesion_slices
+
+    lesion = np.zeros((40, 50, 30), bool)
+    lesion[10:13, 20:22, 5:7] = True  # 12 voxels
+    lesion[30, 40, 25] = True  # 1 voxel
+    pos = lesion_slices(lesion, n=3)
+    for axis, chosen in enumerate(pos):
+        assert chosen == sorted(chosen) and len(chosen) == 3
+        for i in chosen:
+            assert np.take(lesion, i, axis=axis).any(), (axis, i)
+    assert 30 in pos[0] and 40 in pos[1] and 25 in pos[2]  # the small lesion is shown too
+    # the largest lesion's slices are at least 2 apart
+    assert pos[0][:2] == [10, 12]
+    assert lesion_slices(np.zeros((8, 8, 8)), n=3) == [[4], [4], [4]]

@@ -271,3 +271,27 @@ def test_matching_tie_rules(ref, name, m_order, ratio, caliper):
     ours = sorted((ids[treated[i]], ids[c], j + 1) for i in range(len(treated))
                   for j, c in enumerate(mm[i]) if c >= 0)
     assert ours == _r_pairs(ref, name)
+
+
+def test_lesion_filling_agreement(ref):
+    """Raw (gap) against lesion-filled (gap2) agreement: cor.test, paired t.test, lm in R."""
+    from brainage_bids.stats.agreement import agreement
+
+    v, c = ref["vals"], ref["cohort"]
+    tab = agreement(c["gap"], c["gap2"])
+    r = row(tab, "pearson_r")
+    close([r.estimate, r.ci_low, r.ci_high, r.p_value],
+          [v["agree.r"], *vec(v, "agree.r_ci"), v["agree.r_p"]])
+    close(row(tab, "r_squared").estimate, v["agree.r"] ** 2)
+    m = row(tab, "mean_difference")
+    close([m.estimate, m.ci_low, m.ci_high, m.p_value],
+          [v["agree.mean"], *vec(v, "agree.mean_ci"), v["agree.mean_p"]])
+    s = row(tab, "sd_difference")
+    close([s.estimate, s.ci_low, s.ci_high], [v["agree.sd"], *vec(v, "agree.sd_ci")])
+    for k in ("lower", "upper"):
+        lim = row(tab, f"loa_{k}")
+        close([lim.estimate, lim.ci_low, lim.ci_high],
+              [v[f"agree.loa_{k}"], *vec(v, f"agree.loa_{k}_ci")])
+    b = row(tab, "proportional_bias")
+    close([b.estimate, b.ci_low, b.ci_high, b.p_value],
+          [v["agree.slope"], *vec(v, "agree.slope_ci"), v["agree.slope_p"]])

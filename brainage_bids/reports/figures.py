@@ -110,7 +110,7 @@ def _row(vol: np.ndarray, axis: int, positions, box, gap: int, fill=0.0) -> np.n
 
 def mosaic(background: np.ndarray, out_file, *, box_mask: np.ndarray, n: int = 7,
            contours=(), filled=(), overlay=None, affine=None, title: str = "",
-           dpi: int = 110) -> Path:
+           positions=None, window=None, dpi: int = 110) -> Path:
     """Three rows of ``n`` slices (sagittal, coronal, axial) of ``background``, cropped to the
     bounding box of ``box_mask``. Each row is drawn as one image, so the figure stays light.
 
@@ -118,10 +118,12 @@ def mosaic(background: np.ndarray, out_file, *, box_mask: np.ndarray, n: int = 7
     filled : (binary volume, colour) drawn as translucent fills.
     overlay : (volume, vmin, vmax, cmap) drawn above ``vmin`` (e.g. saliency).
     affine : voxel-to-world affine (RAS), to label slices in mm.
+    positions : slice indices per axis (default: ``n`` evenly spaced in ``box_mask``).
+    window : (vmin, vmax) of the grey scale (default: from ``background`` in ``box_mask``).
     """
     box = _bbox(box_mask)
-    pos = slice_positions(box_mask, n)
-    vmin, vmax = _window(background, box_mask)
+    pos = slice_positions(box_mask, n) if positions is None else [list(p) for p in positions]
+    vmin, vmax = _window(background, box_mask) if window is None else window
     gap = 4
     rows = [_row(background, axis, pos[axis], box, gap) for axis in range(3)]
     width = 11.0
@@ -217,6 +219,43 @@ def mask_figure(preproc_file, mask_file, out_file, *, lesion_file=None) -> Path:
     return mosaic(data, out_file, box_mask=box, contours=[(mask.astype(np.float32), 0.5,
                                                             MASK_CONTOUR)], filled=filled,
                   affine=ref.affine)
+
+
+def lesion_slices(lesion: np.ndarray, n: int = 7) -> list:
+    """Per axis, the ``n`` slices holding the most lesion voxels (at least 2 apart where the
+    lesions allow), in increasing order."""
+    lesion = np.asarray(lesion) > 0.5
+    out = []
+    for axis in range(3):
+        counts = lesion.sum(axis=tuple(a for a in range(3) if a != axis))
+        ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+        chosen: list[int] = []
+        for i in ranked:
+            if len(chosen) < n and all(abs(i - c) >= 2 for c in chosen):
+                chosen.append(i)
+        chosen += [i for i in ranked if i not in chosen][:n - len(chosen)]
+        if not chosen:  # no lesion: the centre of the volume
+            chosen = [lesion.shape[axis] // 2]
+        out.append(sorted(chosen))
+    return out
+
+
+def lesion_filling_figures(raw_file, filled_file, lesion_file, out_raw, out_filled, *,
+                           mask_file=None) -> tuple[Path, Path]:
+    """The raw and the lesion-filled registered image on the same slices (those with the most
+    lesion voxels) and grey scale, with the lesion outline (magenta); shown as a pair in the
+    report so the filled lesions can be compared with the surrounding white matter."""
+    ref = load_ras(raw_file)
+    raw = np.asarray(ref.dataobj, dtype=np.float32)
+    filled = on_grid(load_ras(filled_file), ref)
+    lesion = on_grid(load_ras(lesion_file), ref, order=0)
+    mask = on_grid(load_ras(mask_file), ref, order=0) if mask_file else (raw != 0)
+    box = mask if np.asarray(mask).any() else (raw != 0)
+    common = {"box_mask": box, "positions": lesion_slices(lesion),
+              "window": _window(raw, box), "affine": ref.affine,
+              "contours": [(lesion.astype(np.float32), 0.5, LESION_COLOUR)]}
+    return (mosaic(raw, out_raw, title="as acquired", **common),
+            mosaic(filled, out_filled, title="lesion-filled", **common))
 
 
 def saliency_figure(background_file, saliency_file, out_file, *, mask_file=None,

@@ -20,7 +20,7 @@ from .html import relpath, render
 LOG = logging.getLogger("brainage_bids.reports")
 
 ROW_COLUMNS = ("model", "chronological_age", "predicted_age", "predicted_age_sd",
-               "brain_age_gap", "lesion_filled", "qc_flags")
+               "brain_age_gap", "lesion_filled", "lesion_volume_ml", "qc_flags")
 
 
 def _label(participant_id: str) -> str:
@@ -266,6 +266,23 @@ def write_participant_report(output_dir, participant_id: str, *, run_id: str | N
                     cap += " Lesion mask in magenta."
                 figures.append({"title": "Brain mask" + (" and lesions" if lesion else ""),
                                 "src": src, "caption": cap})
+        if preproc is not None and scan.get("filled") is not None and scan.get("lesion"):
+            from .figures import lesion_filling_figures
+
+            raw_png = figs.folder / f"{base}_desc-lesionraw.png"
+            src = figs.make(f"{base}_desc-lesionfilled.png", "lesion filling",
+                            lesion_filling_figures, preproc, scan.get("filled"),
+                            scan.get("lesion"), raw_png,
+                            figs.folder / f"{base}_desc-lesionfilled.png",
+                            mask_file=scan.get("mask"))
+            if src:
+                figures.append({
+                    "title": "Lesion filling", "src": src, "alt_label": "as acquired",
+                    "alt": relpath(raw_png, figs.report_dir),
+                    "caption": "The lesion-filled image on the slices with the most lesion "
+                               "voxels, lesion outline in magenta; hover to see the image as "
+                               "acquired on the same slices and grey scale. Filled lesions "
+                               "should look like the white matter around them."})
         if preproc is not None and scan.get("saliency") is not None:
             from .figures import saliency_figure
 
@@ -299,8 +316,11 @@ def write_participant_report(output_dir, participant_id: str, *, run_id: str | N
         expected = {"preproc": "registered image", "mask": "brain mask",
                     "brainage": "brain-age table"}
         missing = [v for k, v in expected.items() if scan.get(k) is None]
+        volumes = [r["lesion_volume_ml"] for r in rows if r.get("lesion_volume_ml") is not None]
+        lesion_ml = qc.as_finite(volumes[0]) if volumes else None
         sections.append({
             "id": base, "label": scan.label, "suffix": scan.suffix, "source": source,
+            "lesion_volume_ml": lesion_ml,
             "session": scan.session_id, "figures": figures, "rows": rows,
             "flags": _flag_list(rows, sidecar), "metrics": _metrics(sidecar, preproc_meta,
                                                                     scan.suffix),

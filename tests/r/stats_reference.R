@@ -157,6 +157,25 @@ tie_case("ties_data", m.order = "data")
 tie_case("ties_caliper", caliper = 2, std.caliper = FALSE)
 tie_case("ties_ratio2", ratio = 2)
 
+# agreement of two measurements (gap = raw, gap2 = lesion-filled): Pearson, paired t,
+# SD with its chi-square CI, Bland-Altman limits with CI from SE sqrt(3 s^2 / n), proportional bias
+ct <- cor.test(cohort$gap2, cohort$gap)
+put("agree.r", ct$estimate); put("agree.r_ci", ct$conf.int); put("agree.r_p", ct$p.value)
+pt <- t.test(cohort$gap2, cohort$gap, paired = TRUE)
+put("agree.mean", pt$estimate); put("agree.mean_ci", pt$conf.int); put("agree.mean_p", pt$p.value)
+d <- cohort$gap2 - cohort$gap
+n <- length(d); s <- sd(d)
+put("agree.sd", s)
+put("agree.sd_ci", sqrt((n - 1) * s^2 / qchisq(c(0.975, 0.025), n - 1)))
+se <- sqrt(3 * s^2 / n); tq <- qt(0.975, n - 1)
+for (k in c("lower", "upper")) {
+  lim <- mean(d) + (if (k == "lower") -1.96 else 1.96) * s
+  put(paste0("agree.loa_", k), lim); put(paste0("agree.loa_", k, "_ci"), lim + c(-1, 1) * tq * se)
+}
+pb <- lm(d ~ I((cohort$gap2 + cohort$gap) / 2))
+put("agree.slope", coef(pb)[2]); put("agree.slope_ci", confint(pb)[2, ])
+put("agree.slope_p", summary(pb)$coefficients[2, 4])
+
 res <- data.frame(name = names(vals),
                   value = vapply(vals, function(v) sprintf("%.17g", v), ""))
 write.csv(res, file.path(out, "values.csv"), row.names = FALSE)
