@@ -68,7 +68,7 @@ def main() -> None:
     precisions = ["fp32", "fast", "bf16"]
     print(f"device {dev}, {args.threads} threads, torch {torch.__version__}, best of {args.repeats}")
     print(f"trained-model inputs: {len(arrays)} ({'real scans' if files else 'template brain'})\n")
-    print(f"| network | precision | s/scan (batch 1) | s/scan (batch 4) | max |age - fp32| |")
+    print("| network | precision | s/scan (batch 1) | s/scan (batch 4) | max |age - fp32| |")
     print("|---|---|---|---|---|")
     for label, net, centres, xs in nets:
         net.eval()

@@ -24,7 +24,7 @@ from ..utils.bids import Scan, collect_scans, load_filters, read_participants
 from ..utils.images import atomic_write_text
 from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint
 from .inference import model_input, resolve_device
-from .sfcn import bin_centres, expected_age, soft_label_loss
+from .sfcn import bin_centres, soft_label_loss
 
 LOG = logging.getLogger("brainage_bids.train")
 HEALTHY = {"hc", "healthy", "control", "healthy control", "healthy_control"}

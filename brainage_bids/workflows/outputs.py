@@ -11,6 +11,14 @@ from ..utils.bids import Scan
 from ..utils.templates import TEMPLATE
 
 
+def _sink(name: str, out_path: str, metadata: dict | None = None) -> pe.Node:
+    """A node writing one derivative (and its JSON sidecar) atomically, in the main process."""
+    sink = DerivativesSink(out_path=out_path)
+    if metadata is not None:
+        sink.inputs.metadata = metadata
+    return pe.Node(sink, name=name, run_without_submitting=True, overwrite=True)
+
+
 def derivative_paths(scan: Scan, output_dir: str) -> dict:
     """Absolute output paths of one scan (DESIGN.md output contract).
 
@@ -45,15 +53,12 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
     inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "registration_report"]),
                         name="inputnode")
     common = {"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"]}
-    ds_preproc = pe.Node(DerivativesSink(
-        out_path=paths["preproc"],
-        metadata={**common, "SkullStripped": True, "SkullStripping": skull_strip,
-                  "BiasCorrection": "N4 (antspyx) inside the brain mask",
-                  "Registration": "affine (antspyx AffineFast) to the 1 mm brain template",
-                  "IntensityNormalisation": "divided by the mean inside the brain mask"}),
-        name="ds_preproc", run_without_submitting=True, overwrite=True)
-    ds_mask = pe.Node(DerivativesSink(out_path=paths["mask"], metadata={**common, "Type": "Brain"}),
-                      name="ds_mask", run_without_submitting=True, overwrite=True)
+    ds_preproc = _sink("ds_preproc", paths["preproc"], {
+        **common, "SkullStripped": True, "SkullStripping": skull_strip,
+        "BiasCorrection": "N4 (antspyx) inside the brain mask",
+        "Registration": "affine (antspyx AffineFast) to the 1 mm brain template",
+        "IntensityNormalisation": "divided by the mean inside the brain mask"})
+    ds_mask = _sink("ds_mask", paths["mask"], {**common, "Type": "Brain"})
     wf.connect([
         (inputnode, ds_preproc, [("preproc", "in_file"), ("registration_report", "sidecar_file")]),
         (inputnode, ds_mask, [("mask", "in_file")]),
@@ -72,27 +77,21 @@ def init_ds_brainage_wf(*, scan: Scan, output_dir: str, saliency: bool = False,
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["out_tsv", "out_json", "out_distribution", "out_saliency"]), name="inputnode")
-    ds_brainage = pe.Node(DerivativesSink(out_path=paths["brainage"]), name="ds_brainage",
-                          run_without_submitting=True, overwrite=True)
-    ds_distribution = pe.Node(DerivativesSink(
-        out_path=paths["distribution"],
-        metadata={"Description": "predicted age distribution of each model with a soft-label "
-                                 "output (one row per age bin)",
-                  "model": {"Description": "model name, as in the brain-age table"},
-                  "age": {"Description": "bin centre", "Units": "year"},
-                  "probability": {"Description": "probability of the bin"}}),
-        name="ds_distribution", run_without_submitting=True, overwrite=True)
+    ds_brainage = _sink("ds_brainage", paths["brainage"])
+    ds_distribution = _sink("ds_distribution", paths["distribution"], {
+        "Description": "predicted age distribution of each model with a soft-label output "
+                       "(one row per age bin)",
+        "model": {"Description": "model name, as in the brain-age table"},
+        "age": {"Description": "bin centre", "Units": "year"},
+        "probability": {"Description": "probability of the bin"}})
     wf.connect([(inputnode, ds_brainage, [("out_tsv", "in_file"), ("out_json", "sidecar_file")]),
                 (inputnode, ds_distribution, [("out_distribution", "in_file")])])
     if saliency:
-        ds_saliency = pe.Node(DerivativesSink(
-            out_path=paths["saliency"],
-            metadata={"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"],
-                      "Description": "SmoothGrad saliency: mean absolute gradient of the "
-                                     "predicted age with respect to the input, over 25 noisy "
-                                     "copies (noise SD 15 % of the intensity range), averaged "
-                                     "over the models of the scan"}),
-            name="ds_saliency", run_without_submitting=True, overwrite=True)
+        ds_saliency = _sink("ds_saliency", paths["saliency"], {
+            "SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"],
+            "Description": "SmoothGrad saliency: mean absolute gradient of the predicted age "
+                           "with respect to the input, over 25 noisy copies (noise SD 15 % of "
+                           "the intensity range), averaged over the models of the scan"})
         wf.connect(inputnode, "out_saliency", ds_saliency, "in_file")
     return wf
 
@@ -108,21 +107,16 @@ def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str,
     inputnode = pe.Node(niu.IdentityInterface(fields=["filled", "lesion", "fill_report"]),
                         name="inputnode")
     sources = [f"bids:raw:{scan.relpath}", lesion_file]
-    ds_filled = pe.Node(DerivativesSink(
-        out_path=paths["filled"],
-        metadata={"SpatialReference": TEMPLATE, "Sources": sources, "SkullStripped": True,
-                  "Description": "the desc-preproc image with its lesions filled with "
-                                 "normal-appearing white-matter intensities before resampling "
-                                 "and normalisation (same transform and brain mask as "
-                                 "desc-preproc)",
-                  "IntensityNormalisation": "divided by the mean inside the brain mask"}),
-        name="ds_filled", run_without_submitting=True, overwrite=True)
-    ds_lesion = pe.Node(DerivativesSink(
-        out_path=paths["lesion"],
-        metadata={"SpatialReference": TEMPLATE, "Sources": sources, "Type": "Lesion",
-                  "Resampling": "the lesion mask on the image grid, brought to MNI with the "
-                                "image's affine (trilinear, thresholded at 0.5)"}),
-        name="ds_lesion", run_without_submitting=True, overwrite=True)
+    ds_filled = _sink("ds_filled", paths["filled"], {
+        "SpatialReference": TEMPLATE, "Sources": sources, "SkullStripped": True,
+        "Description": "the desc-preproc image with its lesions filled with normal-appearing "
+                       "white-matter intensities before resampling and normalisation (same "
+                       "transform and brain mask as desc-preproc)",
+        "IntensityNormalisation": "divided by the mean inside the brain mask"})
+    ds_lesion = _sink("ds_lesion", paths["lesion"], {
+        "SpatialReference": TEMPLATE, "Sources": sources, "Type": "Lesion",
+        "Resampling": "the lesion mask on the image grid, brought to MNI with the image's "
+                      "affine (trilinear, thresholded at 0.5)"})
     wf.connect([
         (inputnode, ds_filled, [("filled", "in_file"), ("fill_report", "sidecar_file")]),
         (inputnode, ds_lesion, [("lesion", "in_file")]),
