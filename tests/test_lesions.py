@@ -16,7 +16,7 @@ import pytest
 from conftest import SHARED, template_image
 from scipy import ndimage, stats
 
-from brainage_bids.interfaces.lesion import fill_image, fill_lesions, nawm_mask
+from brainage_bids.interfaces.lesion import LesionMaskOnGrid, fill_image, fill_lesions, nawm_mask
 from brainage_bids.interfaces.predict import COLUMNS, CONTRACT_COLUMNS
 from brainage_bids.utils.bids import BIDSInputError, Scan, collect_scans
 from brainage_bids.utils.lesions import (
@@ -103,11 +103,22 @@ def test_match_masks_by_entities(tmp_path, caplog):
     assert empty.name in text and "no voxels" in text
     assert orphan.name in text and "matches no selected image" in text
     assert mni.name in text and "template space" in text
-    # two masks equally specific for one image: an error naming both
-    _save(full, aff, root / "sub-01/anat/sub-01_desc-lesion_mask.nii.gz")
-    with pytest.raises(BIDSInputError) as err:
-        match_lesion_masks(root, scans)
-    assert err.value.exit_code == 65 and "sub-01_desc-lesion_mask" in str(err.value)
+    # two masks equally specific for one image: those scans carry an error naming both (their
+    # lesion node fails with it); the other scans are matched as before
+    dup = _save(full, aff, root / "sub-01/anat/sub-01_desc-lesion_mask.nii.gz")
+    caplog.clear()
+    m2 = match_lesion_masks(root, scans)
+    sub01 = {scans[0].path, scans[1].path}
+    assert set(m2.ambiguous) == sub01
+    for path in sub01:
+        assert a.name in m2.by_scan[path].error and dup.name in m2.by_scan[path].error
+    assert all(not m2.by_scan[s.path].error for s in scans[2:] if s.path in m2.by_scan)
+    assert len(m2.by_scan) == len(m.by_scan)
+    assert dup.name in caplog.text and "will fail" in caplog.text
+    node = LesionMaskOnGrid(mask_file=str(a), reference=str(a),
+                            error=m2.by_scan[scans[0].path].error)
+    with pytest.raises(ValueError, match="several lesion masks apply equally"):
+        node.run(cwd=str(tmp_path))
     with pytest.raises(BIDSInputError):
         find_lesion_masks(tmp_path / "missing")
 
@@ -470,11 +481,14 @@ def test_graph_with_lesion_masks(synthetic_bids, tmp_path, random_model):
     from brainage_bids.workflows.participant import init_brainage_wf
 
     tpl = get_template()
-    scans = collect_scans(synthetic_bids, participant_labels=["01", "02"])
+    scans = collect_scans(synthetic_bids, participant_labels=["01", "02", "03"])
     files = [_save(np.zeros((4, 4, 4)), np.eye(4), tmp_path / f"sub-0{i}_label-lesion_mask.nii.gz")
              for i in (1, 2)]
     lesions = {scans[0].path: LesionMask(str(files[0]), (), "01", None, 10, 0.08),
                scans[1].path: LesionMask(str(files[1]), (), "02", None, 0, 0.0)}
+    # sub-03: an ambiguous match; its scan's lesion node carries the error and fails with it
+    lesions[scans[2].path] = LesionMask(str(files[1]), (), "03", None, 10, 0.08,
+                                        error="two masks apply")
     wf = init_brainage_wf(scans=scans, output_dir=str(tmp_path / "out"),
                           work_dir=str(tmp_path / "w"), run_id="20240101-120000_abcdef12",
                           template=str(tpl.brain), template_mask=str(tpl.mask),
@@ -503,6 +517,10 @@ def test_graph_with_lesion_masks(synthetic_bids, tmp_path, random_model):
             ("preproc_wf.outputnode", "ds_lesion_wf.inputnode", ("lesion", "lesion"))]:
         assert conn in edges[(f"{filled}.{src}", f"{filled}.{dst}")], (src, dst, conn)
     assert nodes[f"{filled}.predict_wf.predict"].inputs.lesion_volume_ml == 0.08
+    assert not nodes[f"{filled}.preproc_wf.lesion_on_grid"].inputs.error
+    errors = [n.inputs.error for name, n in nodes.items() if name.endswith("lesion_on_grid")
+              and n.inputs.error]
+    assert [s.subject for s in scans] == ["01", "02", "03"] and errors == ["two masks apply"]
     assert nodes[f"{empty}.predict_wf.predict"].inputs.lesion_volume_ml == 0.0
     flair = Scan(**{**scans[0].__dict__, "suffix": "FLAIR"})
     fp = derivative_paths(flair, str(tmp_path / "out"))

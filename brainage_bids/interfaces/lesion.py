@@ -305,6 +305,7 @@ class _MaskOnGridInputSpec(BaseInterfaceInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="lesion mask as supplied")
     reference = File(exists=True, mandatory=True, desc="the image whose grid the mask goes to")
     source_file = traits.Str(desc="the BIDS image, named in errors")
+    error = traits.Str(desc="when set, the mask cannot be used: fail with this message")
 
 
 class _MaskOnGridOutputSpec(TraitedSpec):
@@ -314,7 +315,8 @@ class _MaskOnGridOutputSpec(TraitedSpec):
 
 
 class LesionMaskOnGrid(SimpleInterface):
-    """A lesion mask on the grid of its image (see :func:`~brainage_bids.utils.lesions.mask_on_grid`)."""
+    """A lesion mask on the grid of its image (see
+    :func:`~brainage_bids.utils.lesions.mask_on_grid`)."""
 
     input_spec = _MaskOnGridInputSpec
     output_spec = _MaskOnGridOutputSpec
@@ -322,6 +324,8 @@ class LesionMaskOnGrid(SimpleInterface):
     def _run_interface(self, runtime):
         from ..utils.lesions import mask_on_grid
 
+        if isdefined(self.inputs.error) and self.inputs.error:
+            raise ValueError(self.inputs.error)
         out = os.path.join(runtime.cwd, "lesion_native.nii.gz")
         info = mask_on_grid(self.inputs.mask_file, self.inputs.reference, out,
                             source=self.inputs.source_file or None)

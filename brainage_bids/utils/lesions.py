@@ -10,16 +10,17 @@ Matching: the mask's sub (and ses, acq, ce, rec, run where it has them) must equ
 an entity the mask lacks matches any value (BIDS inheritance). ``mod-<suffix>``, or a ``space-``
 that names a modality (``space-FLAIR``), restricts the mask to images of that suffix; a mask
 without either applies to every modality of the session. Among several candidates the most
-specific wins (more matching entities, then a modality-specific mask); an unresolved tie is an
-error. A mask is in the space of the image it was drawn on: masks whose ``space-`` names a
-standard template (MNI..., fsaverage, ...) are rejected. A mask without voxels (none >= 0.5) is
+specific wins (more matching entities, then a modality-specific mask); an unresolved tie fails
+that scan (its lesion node stops with a message naming the masks), not the run. A mask is in
+the space of the image it was drawn on: masks whose ``space-`` names a standard template
+(MNI..., fsaverage, ...) are rejected. A mask without voxels (none >= 0.5) is
 reported and gives raw rows only; a mask that matches no selected image is reported.
 """
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -49,6 +50,7 @@ class LesionMask:
     modality: str | None     # the suffix it is restricted to, or None for every modality
     n_voxels: int
     volume_ml: float
+    error: str = ""          # set when the scan cannot use this mask (the scan then fails)
 
     def get(self, key: str) -> str | None:
         return dict(self.entities).get(key)
@@ -66,6 +68,7 @@ class LesionMatch:
     empty: dict = field(default_factory=dict)       # scan.path -> LesionMask without voxels
     unmatched: list = field(default_factory=list)   # LesionMask matching no selected scan
     rejected: list = field(default_factory=list)    # (path, reason)
+    ambiguous: dict = field(default_factory=dict)   # scan.path -> equally specific masks
 
 
 def parse_mask_name(name: str) -> dict | None:
@@ -158,7 +161,9 @@ def match_lesion_masks(lesion_dir: str | Path, scans: list[Scan], *,
     so a mask whose participant has no selected scan is reported as unmatched (else it was left
     out by the selection and is only logged at info level).
 
-    Raises BIDSInputError (65) when two equally specific masks apply to one scan.
+    When equally specific masks apply to one scan, the scan's entry carries an ``error`` (its
+    lesion node fails with it, so that scan fails and the others run) and is listed in
+    ``ambiguous``.
     """
     masks, rejected = find_lesion_masks(lesion_dir)
     result = LesionMatch(rejected=rejected)
@@ -171,13 +176,16 @@ def match_lesion_masks(lesion_dir: str | Path, scans: list[Scan], *,
             continue
         best = max(_specificity(m) for m in cands)
         top = [m for m in cands if _specificity(m) == best]
+        used.update(m.path for m in top)
         if len(top) > 1:
-            raise BIDSInputError(
-                f"{scan.relpath}: several lesion masks apply equally: "
-                f"{', '.join(m.path for m in top)} (add entities such as mod-{scan.suffix} to "
-                "tell them apart)", 65)
+            msg = (f"{scan.relpath}: several lesion masks apply equally: "
+                   f"{', '.join(m.path for m in top)} (add entities such as mod-{scan.suffix} "
+                   "to tell them apart)")
+            LOG.error("%s; this scan will fail", msg)
+            result.ambiguous[scan.path] = top
+            result.by_scan[scan.path] = replace(top[0], error=msg)
+            continue
         mask = top[0]
-        used.add(mask.path)
         if mask.empty:
             result.empty[scan.path] = mask
             LOG.warning("lesion mask %s has no voxels (none >= %g): %s gets raw rows only",
@@ -240,4 +248,5 @@ def mask_on_grid(mask_file: str, reference_file: str, out_file: str,
     img = nib.Nifti1Image(out.astype(np.uint8), ref.affine)
     img.header.set_xyzt_units("mm")
     nib.save(img, out_file)
-    return {"resampled": bool(not same), "volume_ml": float(out_ml), "fraction_kept": float(fraction)}
+    return {"resampled": bool(not same), "volume_ml": float(out_ml),
+            "fraction_kept": float(fraction)}

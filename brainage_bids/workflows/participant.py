@@ -44,7 +44,8 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
     preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
                                  skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
                                  source_file=scan.path, head=head,
-                                 lesion_mask=lesion.path if fill else None)
+                                 lesion_mask=lesion.path if fill else None,
+                                 lesion_error=lesion.error if fill else "")
     preproc_wf.inputs.inputnode.in_file = scan.path
     ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip)
     wf.connect([(preproc_wf, ds_preproc_wf, [

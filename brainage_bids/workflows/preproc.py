@@ -14,7 +14,7 @@ from ..interfaces.skullstrip import SkullStrip
 def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "deepbet",
                     device: str = "cpu", omp_nthreads: int = 1, source_file: str = "",
                     head: bool = False, lesion_mask: str | None = None,
-                    name: str = "preproc_wf"):
+                    lesion_error: str = "", name: str = "preproc_wf"):
     """Bring one structural image to MNI152NLin2009aSym (1 mm), brain only, mean 1 in the mask.
 
     Parameters
@@ -28,6 +28,8 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     lesion_mask : a lesion mask drawn on this image (any grid in the image's world space): its
         lesions are filled in native space after N4 (interfaces/lesion.py) and the filled image
         follows the raw image's transform and normalisation.
+    lesion_error : why ``lesion_mask`` cannot be used (e.g. an ambiguous match): the lesion node
+        fails with it, so this scan fails with a clear message.
 
     Inputs: ``in_file``. Outputs: ``preproc`` (MNI image), ``mask`` (MNI brain mask),
     ``transform`` (native-to-MNI affine), ``registration_correlation``, ``mask_volume_ml``,
@@ -71,7 +73,8 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
             (head_to_mni, outputnode, [("out_file", "head")]),
         ])
     if lesion_mask:
-        on_grid = pe.Node(LesionMaskOnGrid(mask_file=lesion_mask, source_file=source_file),
+        on_grid = pe.Node(LesionMaskOnGrid(mask_file=lesion_mask, source_file=source_file,
+                                           error=lesion_error),
                           name="lesion_on_grid")
         fill = pe.Node(FillLesions(num_threads=omp_nthreads), name="fill_lesions",
                        n_procs=omp_nthreads)
