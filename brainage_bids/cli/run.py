@@ -217,9 +217,7 @@ def run_participant(opts) -> int:
     if opts.lesion_masks:
         from ..utils.lesions import match_lesion_masks
 
-        lesion_dir = Path(opts.lesion_masks).resolve()
-        if not lesion_dir.is_dir():
-            raise UsageError(f"--lesion-masks: folder not found: {lesion_dir}", EXIT_NO_INPUT)
+        lesion_dir = Path(opts.lesion_masks).resolve()  # not a folder: BIDSInputError (66)
         matched = match_lesion_masks(lesion_dir, scans, complete_selection=not (
             opts.participant_label or opts.session_label or opts.bids_filter_file))
         lesion_masks = {**matched.empty, **matched.by_scan}
@@ -300,8 +298,6 @@ def run_group(opts) -> int:
     try:
         summary = run_group_analyses(bids_dir, output_dir, spec, bias_fit_file=fit_file)
     except (ValueError, KeyError) as exc:  # unreadable participant tables or clinical files
-        from .parser import EXIT_DATA
-
         raise UsageError(f"group level: {exc}", EXIT_DATA) from exc
     fitted = [f"{b['model']}/{b['suffix']}" for b in summary["bias"] if b["status"] == "fitted"]
     print(f"brainage-bids group: wrote {summary['brainage']}; bias correction "
