@@ -26,13 +26,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .collect import is_lesion_filled
+
 ANALYSIS = "lesion_filling_agreement"
 PAIR_KEYS = ["participant_id", "session_id", "source_file", "suffix", "model"]
 LOA_Z = 1.96
-
-
-def _is_filled(df: pd.DataFrame) -> pd.Series:
-    return df["lesion_filled"].astype(str).str.strip().str.lower().eq("true")
 
 
 def paired_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,7 +41,7 @@ def paired_rows(df: pd.DataFrame) -> pd.DataFrame:
         d[k] = d[k].astype(object).where(d[k].notna(), "")
     d["predicted_age"] = pd.to_numeric(d["predicted_age"], errors="coerce")
     d = d[np.isfinite(d["predicted_age"])]
-    filled = _is_filled(d)
+    filled = is_lesion_filled(d)
     extra = ["session_order"] if "session_order" in d else []
     raw = d[~filled].drop_duplicates(PAIR_KEYS)[PAIR_KEYS + extra + ["predicted_age"]]
     fil = d[filled].drop_duplicates(PAIR_KEYS)[PAIR_KEYS + ["predicted_age"]]
@@ -132,12 +130,12 @@ def agreement(raw, filled) -> pd.DataFrame:
 
 def agreement_subsets(df: pd.DataFrame) -> list:
     """((model, suffix), baseline pairs) for every (model, suffix) with lesion-filled rows."""
-    if df.empty or "lesion_filled" not in df or not _is_filled(df).any():
+    if df.empty or "lesion_filled" not in df or not is_lesion_filled(df).any():
         return []
     pairs = baseline_pairs(paired_rows(df))
     out = []
-    filled_keys = sorted(set(zip(df.loc[_is_filled(df), "model"].astype(str),
-                                 df.loc[_is_filled(df), "suffix"].astype(str))))
+    filled_keys = sorted(set(zip(df.loc[is_lesion_filled(df), "model"].astype(str),
+                                 df.loc[is_lesion_filled(df), "suffix"].astype(str))))
     for model, suffix in filled_keys:
         sub = pairs[(pairs["model"].astype(str) == model) & (pairs["suffix"].astype(str) == suffix)]
         sub = sub.reset_index(drop=True)

@@ -32,6 +32,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .collect import is_lesion_filled
+
 LOG = logging.getLogger("brainage_bids.stats.bias")
 
 METHODS = ("cole", "beheshti")
@@ -67,8 +69,7 @@ def one_row_per_participant(df: pd.DataFrame, keys=KEYS) -> pd.DataFrame:
         return df
     d = df.copy()
     d["_ses"] = session_rank(d)
-    d["_filled"] = ((d["lesion_filled"].astype(str).str.lower() == "true").astype(int)
-                    if "lesion_filled" in d else 0)
+    d["_filled"] = is_lesion_filled(d).astype(int) if "lesion_filled" in d else 0
     d = d.sort_values(list(keys) + ["participant_id", "_filled", "_ses"], kind="mergesort")
     d = d.drop_duplicates(list(keys) + ["participant_id"], keep="first")
     return d.drop(columns=["_ses", "_filled"])

@@ -8,6 +8,11 @@ import pandas as pd
 from ..interfaces.predict import CONTRACT_COLUMNS, EXTRA_COLUMNS
 
 
+def is_lesion_filled(df: pd.DataFrame) -> pd.Series:
+    """True for the rows predicted on the lesion-filled image (``lesion_filled`` is "true")."""
+    return df["lesion_filled"].astype(str).str.strip().str.lower().eq("true")
+
+
 def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
     """Every ``*_desc-brainage_*.tsv`` under ``output_dir/sub-*``, in one frame (contract columns)."""
     output_dir = Path(output_dir)

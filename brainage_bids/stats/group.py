@@ -50,7 +50,7 @@ from .bias import (
     one_row_per_participant,
     session_rank,
 )
-from .collect import read_brainage_tables
+from .collect import is_lesion_filled, read_brainage_tables
 from .evaluate import compare_models, evaluate_controls, site_anova
 from .table import STATS_COLUMNS, stats_frame
 
@@ -309,7 +309,7 @@ class GroupRun:
         all_rows = corrected
         corrected = self.exclude_flagged(corrected)
         controls = corrected[is_control_honest[corrected.index]] if len(corrected) else corrected
-        controls = one_row_per_participant(controls[~self._filled(controls)]) \
+        controls = one_row_per_participant(controls[~is_lesion_filled(controls)]) \
             if len(controls) else controls
         self.attempt("evaluation", lambda: self.evaluation(controls))
         self.attempt("site_mae", lambda: self.site_check(controls))
@@ -406,10 +406,6 @@ class GroupRun:
                           json.dumps(_json_ready(doc), indent=2) + "\n")
 
     # ---- helpers on rows
-    @staticmethod
-    def _filled(df: pd.DataFrame) -> pd.Series:
-        return df["lesion_filled"].astype(str).str.lower().eq("true")
-
     def exclude_flagged(self, df: pd.DataFrame) -> pd.DataFrame:
         flags = self.spec["exclude_qc_flags"]
         if not flags:
@@ -423,7 +419,7 @@ class GroupRun:
     def clinical_subsets(self, df: pd.DataFrame) -> list:
         """(model, suffix) -> analysis frame of one baseline row per participant."""
         rows = self.spec["rows"]
-        d = df[self._filled(df)] if rows["lesion_filled"] == "filled" else df[~self._filled(df)]
+        d = df[is_lesion_filled(df)] if rows["lesion_filled"] == "filled" else df[~is_lesion_filled(df)]
         suffixes = sorted(d["suffix"].dropna().unique())
         if rows["suffix"] != "all":
             suffixes = [s for s in suffixes if s in rows["suffix"]]
@@ -1081,7 +1077,7 @@ class GroupRun:
             LOG.warning("no figures: %s", exc)
             return
         dx = self.spec["columns"]["diagnosis"]
-        d = df[~self._filled(df)]
+        d = df[~is_lesion_filled(df)]
         for (model, suffix), g in d.groupby(["model", "suffix"], sort=True):
             fig, axes = plt.subplots(1, 2, figsize=(9, 4.2), sharey=True)
             labels = g[dx].fillna("n/a").astype(str) if dx in g else pd.Series("all", index=g.index)
