@@ -465,3 +465,30 @@ def test_real_acc_long(tmp_path):
     assert "edss" in reasons["edss_worsening"]
     table = _read(out / "group" / "brainage.tsv")
     assert len(table) == 8
+
+
+def test_bias_fit_leaves_out_qc_flagged_controls(tmp_path):
+    """A control excluded by ``exclude_qc_flags`` (here predicted at 150) is not in the bias fit,
+    and bias_correction.json lists it as excluded."""
+    bids, out, people = make_cohort(tmp_path, n=(30, 10, 10))
+    f = out / "sub-hc000" / "anat" / "sub-hc000_desc-brainage_T1w.tsv"
+    t = pd.read_csv(f, sep="\t", dtype=str, keep_default_na=False)
+    t.loc[t["model"] == "m1", ["predicted_age", "qc_flags"]] = ["150.0", "low_registration"]
+    t.to_csv(f, sep="\t", index=False, na_rep="n/a")
+    spec = validate_spec({"bootstrap": {"n": 50}, "exclude_qc_flags": ["low_registration"]})
+    run_group_analyses(bids, out, spec)
+    doc = json.loads((out / "group" / "bias_correction.json").read_text())
+    fits = {(g["model"], g["suffix"]): g for g in doc["fits"]}
+    fit = fits[("m1", "T1w")]
+    assert fit["n"] == 29 and "sub-hc000" not in {r["participant_id"] for r in fit["rows"]}
+    assert fits[("ensemble", "T1w")]["n"] == 30  # the unflagged rows of that scan stay
+    # the slope is the one of the 29 unflagged controls
+    table = _read(out / "group" / "brainage.tsv")
+    hc = table[table["participant_id"].str.startswith("sub-hc") & (table["model"] == "m1")
+               & (table["suffix"] == "T1w") & (table["participant_id"] != "sub-hc000")]
+    expected = np.polyfit(hc["chronological_age"], hc["predicted_age"], 1)[0]
+    assert fit["slope"] == pytest.approx(expected, rel=1e-9)
+    excluded = doc["excluded_rows"]
+    assert excluded == [{"participant_id": "sub-hc000", "session_id": None, "model": "m1",
+                         "suffix": "T1w", "lesion_filled": "false",
+                         "qc_flags": "low_registration"}]

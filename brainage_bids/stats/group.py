@@ -299,7 +299,15 @@ class GroupRun:
             [merged["model"].to_numpy(), merged["suffix"].to_numpy()]).sum()
         is_control_honest = is_control & ~in_training
 
-        bias = self.fit_correction(merged, is_control_honest, patients)
+        # Rows excluded by exclude_qc_flags are out of the statistics, the bias fit included.
+        flagged = self.flagged(merged).to_numpy(dtype=bool)
+        bias = self.fit_correction(merged, is_control_honest & ~flagged, patients)
+        bias["excluded_rows"] = [
+            {"participant_id": r.participant_id,
+             "session_id": None if pd.isna(r.session_id) else r.session_id,
+             "model": r.model, "suffix": r.suffix, "lesion_filled": r.lesion_filled,
+             "qc_flags": r.qc_flags}
+            for r in merged[is_control_honest & flagged].itertuples()]
         corrected = apply_bias(merged, bias)
         out_cols = list(COLUMNS) + CORRECTED_COLUMNS
         atomic_write_text(self.group_dir / "brainage.tsv",
@@ -401,19 +409,26 @@ class GroupRun:
                 "predicted_corrected = age + gap_corrected"),
                "Grouping": "one fit per (model, suffix); raw rows, first session of each "
                            "participant; applied to raw and lesion-filled rows alike",
+               "ExcludedRowsDescription": "control rows left out of the fit because they carry "
+                                          "a flag of exclude_qc_flags",
                **params}
         atomic_write_text(self.group_dir / "bias_correction.json",
                           json.dumps(_json_ready(doc), indent=2) + "\n")
 
     # ---- helpers on rows
+    def flagged(self, df: pd.DataFrame) -> pd.Series:
+        """True for rows carrying one of the spec's ``exclude_qc_flags``."""
+        flags = set(self.spec["exclude_qc_flags"])
+        return df["qc_flags"].fillna("").astype(str).map(
+            lambda s: bool(set(s.split(";")) & flags)).astype(bool)
+
     def exclude_flagged(self, df: pd.DataFrame) -> pd.DataFrame:
-        flags = self.spec["exclude_qc_flags"]
-        if not flags:
+        if not self.spec["exclude_qc_flags"]:
             return df
-        bad = df["qc_flags"].fillna("").astype(str).map(
-            lambda s: bool(set(s.split(";")) & set(flags)))
+        bad = self.flagged(df)
         if bad.any():
-            LOG.info("%d row(s) with qc flags %s left out of the statistics", int(bad.sum()), flags)
+            LOG.info("%d row(s) with qc flags %s left out of the statistics", int(bad.sum()),
+                     self.spec["exclude_qc_flags"])
         return df[~bad]
 
     def clinical_subsets(self, df: pd.DataFrame) -> list:
