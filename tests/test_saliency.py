@@ -324,3 +324,17 @@ def test_mni_saliency_averages_members_on_different_grids(tmp_path):
                                  n_samples=2)).get_fdata() for m in models]
     np.testing.assert_allclose(both, (one[0] + one[1]) / 2, rtol=1e-5, atol=1e-9)
     assert both.shape == (80, 96, 80) and both.max() > 0
+
+
+def test_model_grid_map_puts_the_published_sfcn_crop_back_on_the_fsl_grid():
+    from brainage_bids.models.checkpoint import UKB_INPUT, network_grid
+
+    affine, shape = network_grid(UKB_INPUT)
+    sal = np.random.default_rng(0).random(shape, dtype=np.float32)
+    grid = model_grid_map(sal, UKB_INPUT)
+    assert grid.shape == UKB_INPUT.shape
+    np.testing.assert_array_equal(grid[11:-11, 13:-13, 11:-11], sal)
+    assert grid.sum() == pytest.approx(sal.sum(), rel=1e-6)  # zeros outside the crop
+    # the crop's voxel (0, 0, 0) sits at the world position of FSL voxel (11, 13, 11)
+    np.testing.assert_allclose(np.asarray(affine)[:3, 3],
+                               (np.asarray(UKB_INPUT.affine) @ [11, 13, 11, 1])[:3])

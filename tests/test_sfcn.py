@@ -10,11 +10,13 @@ import torch
 from scipy import stats
 
 from brainage_bids.models.checkpoint import (
+    FSL_MNI_1MM_SHAPE,
     UKB_INPUT,
     InputSpec,
     build_sfcn,
     load_model,
     mni_box_grid,
+    network_grid,
     save_checkpoint,
     sha256sum,
 )
@@ -88,8 +90,9 @@ def test_load_ukb_checkpoint(ukb_checkpoint):
     np.testing.assert_allclose(model.centres, np.arange(42.5, 82.0, 1.0))
     assert model.centres[0] == 42.5 and model.centres[-1] == 81.5
     assert model.input == UKB_INPUT
-    assert model.input.shape == (160, 192, 160)
-    assert model.input.normalisation == "volume_mean"
+    assert model.input.shape == FSL_MNI_1MM_SHAPE  # the whole grid: its mean scales the input
+    assert network_grid(model.input)[1] == (160, 192, 160)
+    assert model.input.normalisation == "ukb_sfcn"
     assert model.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert not model.network.training
 
@@ -231,7 +234,7 @@ def _world_box(affine, shape):
 
 
 def test_mni_box_grid_covers_ukb_field_of_view():
-    ukb_lo, ukb_hi = _world_box(UKB_INPUT.affine, UKB_INPUT.shape)
+    ukb_lo, ukb_hi = _world_box(*network_grid(UKB_INPUT))
     for v in (1.0, 2.0, 4.0):
         affine, shape = mni_box_grid(v)
         lo, hi = _world_box(affine, shape)
@@ -244,12 +247,15 @@ def test_mni_box_grid_covers_ukb_field_of_view():
 
 def test_ukb_input_is_cropped_fsl_grid():
     # FSL MNI152_T1_1mm: 182x218x182, sform x = 90 - i, y = j - 126, z = k - 72 (stored LAS order);
-    # the published input is the crop [11:-11, 13:-13, 11:-11] of that array
+    # the network reads the crop [11:-11, 13:-13, 11:-11] of that array, normalised before it
     fsl = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])
+    np.testing.assert_allclose(np.asarray(UKB_INPUT.affine), fsl)
+    assert UKB_INPUT.shape == (182, 218, 182)
     crop = np.eye(4)
     crop[:3, 3] = [11, 13, 11]
-    np.testing.assert_allclose(np.asarray(UKB_INPUT.affine), fsl @ crop)
-    assert UKB_INPUT.shape == (182 - 22, 218 - 26, 182 - 22)
+    affine, shape = network_grid(UKB_INPUT)
+    np.testing.assert_allclose(np.asarray(affine), fsl @ crop)
+    assert shape == (182 - 22, 218 - 26, 182 - 22)
     assert UKB_INPUT.voxel_size == 1.0
 
 

@@ -10,8 +10,9 @@ with ``config`` holding ``channels`` and ``bins`` [lo, hi, width] for SFCN.
 Plain state_dicts of two published models are recognised by their keys:
 
 - the UK Biobank SFCN (optionally with the ``module.`` prefix of ``torch.nn.DataParallel``): 40
-  one-year bins centred 42.5 ... 81.5; input the FSL MNI152 1 mm grid cropped
-  [11:-11, 13:-13, 11:-11], divided by the mean of the whole volume;
+  one-year bins centred 42.5 ... 81.5; input the brain on the FSL MNI152 1 mm grid divided by
+  the mean of the whole 182x218x182 volume, then cropped [11:-11, 13:-13, 11:-11]
+  (``normalisation="ukb_sfcn"``);
 - the FLAIR-Brain-Age 3D Inception-ResNet-V2: a scalar age; input the whole head on the FSL
   MNI152 1 mm grid, z-scored over non-zero voxels, resized to 121x145x121, scaled to [0, 1] and
   cropped to 118x142x118 (``normalisation="flair_brain_age"``).
@@ -30,7 +31,8 @@ import torch
 from .sfcn import SFCN, UKB_CHANNELS, bin_centres
 
 FORMAT = "brainage-bids"
-NORMALISATIONS = ("mask_mean", "volume_mean", "flair_brain_age")
+NORMALISATIONS = ("mask_mean", "volume_mean", "flair_brain_age", "ukb_sfcn",
+                  "flair_brain_age_sfcn")
 IMAGES = ("brain", "head")
 ARCHS = ("sfcn", "irv2")
 
@@ -91,13 +93,33 @@ IRV2_FLAIR_INPUT = InputSpec(affine=FSL_MNI_1MM_AFFINE, shape=FSL_MNI_1MM_SHAPE,
 IRV2_RESIZE = (121, 145, 121)
 IRV2_CROP = (118, 142, 118)
 
-# The FSL grid cropped [11:-11, 13:-13, 11:-11].
-UKB_INPUT = InputSpec(
-    affine=((-1.0, 0.0, 0.0, 79.0), (0.0, 1.0, 0.0, -113.0), (0.0, 0.0, 1.0, -61.0), (0, 0, 0, 1.0)),
-    shape=(160, 192, 160),
-    normalisation="volume_mean",
-)
+# The published SFCNs read the brain on the full FSL grid; the division by the whole-volume mean
+# (UK Biobank) or the MONAI z-score and min-max (FLAIR-Brain-Age) come before the centre crop
+# [11:-11, 13:-13, 11:-11] -> 160x192x160, so both are part of the normalisation.
+UKB_INPUT = InputSpec(affine=FSL_MNI_1MM_AFFINE, shape=FSL_MNI_1MM_SHAPE, normalisation="ukb_sfcn")
+FLAIR_BRAIN_AGE_SFCN_INPUT = InputSpec(affine=FSL_MNI_1MM_AFFINE, shape=FSL_MNI_1MM_SHAPE,
+                                       normalisation="flair_brain_age_sfcn")
+SFCN_CROP = (160, 192, 160)
 UKB_BINS = (42.0, 82.0, 1.0)
+FLAIR_BRAIN_AGE_SFCN_BINS = (15.0, 95.0, 2.0)
+
+
+def centre_crop_slices(shape, size) -> tuple:
+    """Slices of MONAI's ``CenterSpatialCrop``: start ``shape // 2 - size // 2`` per axis (on the
+    FSL grid and 160x192x160 this is [11:-11, 13:-13, 11:-11])."""
+    return tuple(slice(s // 2 - c // 2, s // 2 - c // 2 + c) for s, c in zip(shape, size))
+
+
+def network_grid(spec: InputSpec) -> tuple[tuple, tuple]:
+    """(affine, shape) of the array the network reads when it is a crop of ``spec``'s grid (the
+    published SFCNs); ``spec``'s own grid otherwise (resized recipes are not a plain grid)."""
+    if spec.normalisation in ("ukb_sfcn", "flair_brain_age_sfcn"):
+        sl = centre_crop_slices(spec.shape, SFCN_CROP)
+        shift = np.eye(4)
+        shift[:3, 3] = [s.start for s in sl]
+        affine = np.asarray(spec.affine, dtype=float) @ shift
+        return tuple(tuple(r) for r in affine.tolist()), SFCN_CROP
+    return spec.affine, spec.shape
 
 
 @dataclass

@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.images import resample_to_grid
-from .checkpoint import IRV2_CROP, IRV2_RESIZE, InputSpec, LoadedModel
+from .checkpoint import (IRV2_CROP, IRV2_RESIZE, SFCN_CROP, InputSpec, LoadedModel,
+                         centre_crop_slices)
 from .sfcn import expected_age
 
 PRECISIONS = ("fast", "fp32", "bf16")
 
 
-def flair_brain_age_normalise(data: np.ndarray) -> np.ndarray:
-    """The FLAIR-Brain-Age recipe on a 182x218x182 FSL-grid array: z-score over non-zero voxels
-    (zeros stay 0, NaN -> 0), trilinear resize to 121x145x121 (align_corners False, no
-    anti-aliasing), min-max scale to [0, 1], centre crop to 118x142x118."""
+def zscore_nonzero(data: np.ndarray) -> np.ndarray:
+    """MONAI ``NormalizeIntensity(nonzero=True)``: z-score over the non-zero voxels (population
+    SD; an SD of 0 counts as 1), zeros stay 0; NaN -> 0 first."""
     data = np.nan_to_num(np.asarray(data, dtype=np.float32), nan=0.0)
     nz = data != 0
     if nz.sum() < 2:
@@ -36,13 +36,84 @@ def flair_brain_age_normalise(data: np.ndarray) -> np.ndarray:
     std = float(vals.std())
     data = data.copy()
     data[nz] = (vals - vals.mean()) / (std if std > 0 else 1.0)
-    t = torch.from_numpy(data)[None, None]
-    t = F.interpolate(t, size=IRV2_RESIZE, mode="trilinear", align_corners=False)[0, 0]
+    return data
+
+
+def min_max(t):
+    """MONAI ``ScaleIntensity()``: min-max scale the whole volume to [0, 1] (constant -> 0)."""
     lo, hi = float(t.min()), float(t.max())
-    t = (t - lo) / (hi - lo) if hi > lo else t * 0
-    starts = [(s - c) // 2 for s, c in zip(IRV2_RESIZE, IRV2_CROP)]
-    sl = tuple(slice(a, a + c) for a, c in zip(starts, IRV2_CROP))
-    return t[sl].numpy().astype(np.float32)
+    return (t - lo) / (hi - lo) if hi > lo else t * 0
+
+
+def flair_brain_age_normalise(data: np.ndarray) -> np.ndarray:
+    """The FLAIR-Brain-Age IRV2/DenseNet recipe on a 182x218x182 FSL-grid array: z-score over
+    non-zero voxels (zeros stay 0, NaN -> 0), trilinear resize to 121x145x121 (align_corners
+    False, no anti-aliasing), min-max scale to [0, 1], centre crop to 118x142x118."""
+    t = torch.from_numpy(zscore_nonzero(data))[None, None]
+    t = F.interpolate(t, size=IRV2_RESIZE, mode="trilinear", align_corners=False)[0, 0]
+    t = min_max(t)
+    return t[centre_crop_slices(IRV2_RESIZE, IRV2_CROP)].numpy().astype(np.float32)
+
+
+def flair_brain_age_sfcn_normalise(data: np.ndarray) -> np.ndarray:
+    """The FLAIR-Brain-Age SFCN recipe on a 182x218x182 FSL-grid array: z-score over non-zero
+    voxels, min-max scale to [0, 1], centre crop to 160x192x160."""
+    data = min_max(zscore_nonzero(data))
+    return np.ascontiguousarray(data[centre_crop_slices(data.shape, SFCN_CROP)], dtype=np.float32)
+
+
+def ukb_sfcn_normalise(data: np.ndarray, source: str = "image") -> np.ndarray:
+    """The UK Biobank SFCN recipe on a 182x218x182 FSL-grid array: divide by the mean of the
+    whole volume (zeros included), then centre crop [11:-11, 13:-13, 11:-11] -> 160x192x160."""
+    data = np.asarray(data, dtype=np.float32)
+    mean = float(data.mean(dtype=np.float64))
+    if not mean > 0:
+        raise ValueError(f"{source}: non-positive mean intensity on the model grid")
+    data = data / np.float32(mean)
+    return np.ascontiguousarray(data[centre_crop_slices(data.shape, SFCN_CROP)], dtype=np.float32)
+
+
+def normalise(data: np.ndarray, spec: InputSpec, mask: np.ndarray | None = None,
+              source: str = "image") -> np.ndarray:
+    """Turn an array on ``spec``'s grid into the network input of ``spec.normalisation``.
+
+    ``mask`` (boolean, same grid) is needed for ``mask_mean`` only; ``source`` names the image in
+    errors.
+    """
+    if tuple(data.shape) != tuple(spec.shape):
+        raise ValueError(f"{source}: array of shape {tuple(data.shape)} is not on the model grid "
+                         f"{tuple(spec.shape)}")
+    if spec.normalisation == "flair_brain_age":
+        return flair_brain_age_normalise(data)
+    if spec.normalisation == "flair_brain_age_sfcn":
+        return flair_brain_age_sfcn_normalise(data)
+    if spec.normalisation == "ukb_sfcn":
+        return ukb_sfcn_normalise(data, source)
+    if spec.normalisation == "volume_mean":
+        mean = float(data.mean())
+    else:
+        if mask is None or not mask.any():
+            raise ValueError(f"{source}: brain mask is empty on the model grid")
+        data = np.where(mask, data, 0.0)
+        mean = float(data[mask].mean())
+    if not mean > 0:
+        raise ValueError(f"{source}: non-positive mean intensity on the model grid")
+    return (data / mean).astype(np.float32)
+
+
+def on_grid(img: nib.Nifti1Image, spec: InputSpec) -> bool:
+    """Whether ``img`` is stored on ``spec``'s grid (same shape, affine to 1e-3 mm)."""
+    return (tuple(img.shape[:3]) == tuple(spec.shape)
+            and np.allclose(img.affine, np.asarray(spec.affine, dtype=float), atol=1e-3))
+
+
+def to_grid(img: nib.Nifti1Image, spec: InputSpec, order: int = 1) -> np.ndarray:
+    """``img``'s data on ``spec``'s grid: as stored when it is already there, else resampled in
+    world space."""
+    if on_grid(img, spec):
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        return data.reshape(data.shape[:3])
+    return resample_to_grid(img, np.asarray(spec.affine, dtype=float), spec.shape, order=order)
 
 
 def model_input(preproc_file: str, mask_file: str, spec: InputSpec,
@@ -56,22 +127,13 @@ def model_input(preproc_file: str, mask_file: str, spec: InputSpec,
         if not head_file:
             raise ValueError("this model reads the whole head, but no head image was given")
         source = head_file
-    img = nib.load(source)
-    affine = np.asarray(spec.affine, dtype=float)
-    data = resample_to_grid(img, affine, spec.shape, order=1)
-    if spec.normalisation == "flair_brain_age":
-        return flair_brain_age_normalise(data)
-    if spec.normalisation == "volume_mean":
-        mean = float(data.mean())
-    else:
-        mask = resample_to_grid(nib.load(mask_file), affine, spec.shape, order=1) > 0.5
+    data = to_grid(nib.load(source), spec)
+    mask = None
+    if spec.normalisation == "mask_mean":
+        mask = to_grid(nib.load(mask_file), spec) > 0.5
         if not mask.any():
             raise ValueError(f"{mask_file}: brain mask is empty on the model grid")
-        data = np.where(mask, data, 0.0)
-        mean = float(data[mask].mean())
-    if not mean > 0:
-        raise ValueError(f"{source}: non-positive mean intensity on the model grid")
-    return (data / mean).astype(np.float32)
+    return normalise(data, spec, mask, source)
 
 
 def resolve_device(device: str) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.images import atomic_write_bytes, atomic_write_text, resample_to_grid
-from .checkpoint import IRV2_CROP, IRV2_RESIZE, InputSpec
+from .checkpoint import IRV2_CROP, IRV2_RESIZE, SFCN_CROP, InputSpec, centre_crop_slices
 
 TEMPLATE = "MNI152NLin2009aSym"
 SALIENCY_PATTERN = re.compile(
@@ -121,11 +121,16 @@ def model_grid_map(sal: np.ndarray, spec: InputSpec) -> np.ndarray:
     """A saliency map on the network's input array, put back on ``spec``'s grid.
 
     For the FLAIR-Brain-Age recipe the network reads a resized (121x145x121) and cropped
-    (118x142x118) array: the crop is padded back with zeros and the map resized to ``spec.shape``.
+    (118x142x118) array: the crop is padded back with zeros and the map resized to ``spec.shape``;
+    for the published SFCNs the 160x192x160 crop is padded back onto the FSL grid.
     """
     sal = np.asarray(sal, dtype=np.float32)
     if sal.shape == tuple(spec.shape):
         return sal
+    if spec.normalisation in ("ukb_sfcn", "flair_brain_age_sfcn") and sal.shape == SFCN_CROP:
+        full = np.zeros(tuple(spec.shape), dtype=np.float32)
+        full[centre_crop_slices(spec.shape, SFCN_CROP)] = sal
+        return full
     if spec.normalisation == "flair_brain_age" and sal.shape == tuple(IRV2_CROP):
         full = np.zeros(IRV2_RESIZE, dtype=np.float32)
         starts = [(s - c) // 2 for s, c in zip(IRV2_RESIZE, IRV2_CROP)]
