@@ -84,8 +84,8 @@ def ukb_checkpoint(tmp_path_factory):
 
 def test_load_ukb_checkpoint(ukb_checkpoint):
     net, path = ukb_checkpoint
-    model = load_model(path)
-    assert model.arch == "sfcn"
+    model = load_model(path, entry="ukb-sfcn")
+    assert model.arch == "sfcn" and model.name == "ukb-sfcn" and model.modality == "T1w"
     assert len(model.centres) == 40
     np.testing.assert_allclose(model.centres, np.arange(42.5, 82.0, 1.0))
     assert model.centres[0] == 42.5 and model.centres[-1] == 81.5
@@ -117,12 +117,19 @@ def test_ukb_layout_without_prefix_and_wrong_bins(tmp_path):
     net = SFCN(channels=UKB_CHANNELS, n_bins=40)
     plain = tmp_path / "plain.p"
     torch.save(net.state_dict(), plain)
-    assert len(load_model(plain).centres) == 40
+    # the layout is shared by the UK Biobank and FLAIR-Brain-Age SFCNs: a bare file says which
+    with pytest.raises(ValueError, match="ukb-sfcn, flair-brain-age-sfcn-t1w, "
+                                         "flair-brain-age-sfcn-flair") as err:
+        load_model(plain)
+    assert str(plain) in str(err.value) and "models install NAME --from" in str(err.value)
+    assert len(load_model(plain, entry="ukb-sfcn").centres) == 40
+    with pytest.raises(ValueError, match="holds a sfcn network, but flair-brain-age-flair-e3"):
+        load_model(plain, entry="flair-brain-age-flair-e3")
     other = tmp_path / "other.p"
     torch.save({"module." + k: v for k, v in SFCN(UKB_CHANNELS, n_bins=30).state_dict().items()},
                other)
-    with pytest.raises(ValueError, match="bins"):
-        load_model(other)
+    with pytest.raises(ValueError, match="30 bins"):
+        load_model(other, entry="ukb-sfcn")
     junk = tmp_path / "junk.p"
     torch.save({"weight": torch.zeros(3)}, junk)
     with pytest.raises(ValueError, match="not a brainage-bids checkpoint"):

@@ -28,7 +28,8 @@ def irv2_file(tmp_path_factory):
 
 def test_every_entry_is_described():
     for entry in zoo.REGISTRY.values():
-        assert entry.arch in ("sfcn", "irv2", "ensemble") and entry.modality in ("T1w", "FLAIR")
+        assert entry.arch in ("sfcn", "irv2", "densenet169", "ensemble")
+        assert entry.modality in ("T1w", "FLAIR")
         assert entry.recipe and entry.licence and entry.citation
         assert entry.output in ("bins", "scalar", "ensemble")
         if entry.members:

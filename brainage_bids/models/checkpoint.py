@@ -13,9 +13,14 @@ Plain state_dicts of two published models are recognised by their keys:
   one-year bins centred 42.5 ... 81.5; input the brain on the FSL MNI152 1 mm grid divided by
   the mean of the whole 182x218x182 volume, then cropped [11:-11, 13:-13, 11:-11]
   (``normalisation="ukb_sfcn"``);
-- the FLAIR-Brain-Age 3D Inception-ResNet-V2: a scalar age; input the whole head on the FSL
-  MNI152 1 mm grid, z-scored over non-zero voxels, resized to 121x145x121, scaled to [0, 1] and
-  cropped to 118x142x118 (``normalisation="flair_brain_age"``).
+- the FLAIR-Brain-Age 3D Inception-ResNet-V2 and DenseNet169: a scalar age; input the whole head
+  on the FSL MNI152 1 mm grid, z-scored over non-zero voxels, resized to 121x145x121, scaled to
+  [0, 1] and cropped to 118x142x118 (``normalisation="flair_brain_age"``).
+
+The SFCN layout is shared by several zoo entries (UK Biobank: 42-82 years, divided by the volume
+mean; FLAIR-Brain-Age: 15-95 years in 2-year bins, z-score and min-max) that a bare file cannot
+tell apart: such files run by the zoo name they were installed under (the install record beside
+the cached file), and a bare one is refused with the names it could be.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ NORMALISATIONS = ("mask_mean", "volume_mean", "flair_brain_age", "ukb_sfcn",
                   "flair_brain_age_sfcn")
 IMAGES = ("brain", "head")
 ARCHS = ("sfcn", "irv2")
+PUBLISHED_ARCHS = ("sfcn", "irv2", "densenet169")  # layouts of published plain state_dicts
 
 
 @dataclass(frozen=True)
@@ -198,26 +204,102 @@ def _is_irv2_layout(state: dict) -> bool:
     return "features.0.features.0.conv.weight" in state and "linear.1.weight" in state
 
 
+def _is_densenet_layout(state: dict) -> bool:
+    return "0.features.conv0.weight" in state and "1.weight" in state
+
+
 def detect_layout(obj) -> str:
-    """``brainage-bids``, ``ukb-sfcn`` or ``flair-brain-age-irv2``; ValueError otherwise."""
+    """``brainage-bids`` for our format, else the architecture of a published plain state_dict
+    (``sfcn``, ``irv2``, ``densenet169``); ValueError otherwise."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return FORMAT
-    if isinstance(obj, dict) and _is_ukb_layout(strip_module_prefix(obj)):
-        return "ukb-sfcn"
-    if isinstance(obj, dict) and _is_irv2_layout(strip_module_prefix(obj)):
-        return "flair-brain-age-irv2"
-    raise ValueError("not a brainage-bids checkpoint, a UK Biobank SFCN state_dict nor a "
-                     "FLAIR-Brain-Age Inception-ResNet-V2 state_dict")
+    state = strip_module_prefix(obj) if isinstance(obj, dict) else {}
+    if _is_ukb_layout(state):
+        return "sfcn"
+    if _is_irv2_layout(state):
+        return "irv2"
+    if _is_densenet_layout(state):
+        return "densenet169"
+    raise ValueError("not a brainage-bids checkpoint nor a published state_dict (UK Biobank / "
+                     "FLAIR-Brain-Age SFCN, FLAIR-Brain-Age Inception-ResNet-V2 or DenseNet169)")
+
+
+def installed_name(path: str | os.PathLike) -> str | None:
+    """The zoo name a cached file was installed under (``<stem>.json`` written by ``install``)."""
+    import json
+
+    record = Path(path).with_suffix(".json")
+    if not record.is_file():
+        return None
+    try:
+        name = json.loads(record.read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if name == Path(path).stem else None
+
+
+def published_entry(path: str | os.PathLike, arch: str, entry: str | None = None):
+    """(zoo entry whose recipe a published ``arch`` state_dict runs with, whether the file is
+    that entry).
+
+    ``entry`` names it; else the install record beside the file does; else the file runs with the
+    recipe its layout's entries share. ValueError when they differ (the SFCNs) or ``entry`` has
+    another architecture.
+    """
+    from . import zoo
+
+    if entry is not None:
+        e = zoo.get_entry(entry)
+        if e.arch != arch:
+            raise ValueError(f"{path}: holds a {arch} network, but {entry} is {e.arch}")
+        return e, True
+    candidates = [e for e in zoo.REGISTRY.values()
+                  if e.arch == arch and not e.members and not e.bundled]
+    named = installed_name(path)
+    for e in candidates:
+        if e.name == named:
+            return e, True
+    if len({(e.input, tuple(e.bins)) for e in candidates}) == 1:
+        return candidates[0], False
+    names = ", ".join(e.name for e in candidates)
+    raise ValueError(
+        f"{path}: a plain {arch.upper()} state_dict; this layout is shared by {names}, which differ "
+        f"in age bins and input normalisation, so the file alone cannot say which it is. Install "
+        f"it under its name (`brainage-bids models install NAME --from {path}`, NAME one of "
+        f"{names}) and run it by that name")
+
+
+def build_published(arch: str) -> torch.nn.Module:
+    """An empty network of a published layout (dropout 0 where the publisher evaluates so)."""
+    if arch == "sfcn":
+        return SFCN(channels=UKB_CHANNELS, n_bins=40)
+    if arch == "irv2":
+        from .inception_resnet import InceptionResNetV2
+        return InceptionResNetV2(dropout=0.0)
+    if arch == "densenet169":
+        from .densenet import build_densenet169
+        return build_densenet169()
+    raise ValueError(f"unknown published layout {arch!r}")
+
+
+def published_card(entry, named: bool) -> dict:
+    """What the QC and sidecars need from a zoo entry of a published model."""
+    card = {"source": entry.citation}
+    if entry.age_range:
+        card["age_range"] = list(entry.age_range)
+    if named and entry.mae is not None:
+        card["publisher_mae"] = {"value": entry.mae, "test_set": entry.mae_test_set}
+    return card
 
 
 def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = None,
-               modality: str | None = None) -> LoadedModel:
+               modality: str | None = None, entry: str | None = None) -> LoadedModel:
     """Load a checkpoint (our format or a published layout) for inference on ``device``.
 
-    ``name`` and ``modality`` override what the file says (published files say neither).
+    ``name`` and ``modality`` override what the file says (published files say neither);
+    ``entry`` is the zoo name whose recipe a published file runs with (see
+    :func:`published_entry`).
     """
-    from .inception_resnet import InceptionResNetV2
-
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
@@ -238,22 +320,25 @@ def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = 
         card = dict(obj.get("card", {}))
         _merge_card_file(card, path)
         modality = modality or obj.get("modality", "T1w")
-    elif layout == "ukb-sfcn":
-        state = strip_module_prefix(obj)
-        n_bins = state["classifier.conv_6.weight"].shape[0]
-        if n_bins != 40:
-            raise ValueError(f"{path}: SFCN layout with {n_bins} bins; only the 40-bin UK Biobank "
-                             "model (42-82 years) is known for plain state_dicts")
-        arch, net = "sfcn", SFCN(channels=UKB_CHANNELS, n_bins=40)
-        net.load_state_dict(state, strict=True)
-        spec, centres = UKB_INPUT, bin_centres(*UKB_BINS)
-        card = {"source": "UK Biobank SFCN (Peng et al. 2021)", "age_range": [42.0, 82.0]}
-        modality = modality or "T1w"
     else:
-        arch, net = "irv2", InceptionResNetV2(dropout=0.0)
-        net.load_state_dict(strip_module_prefix(obj), strict=True)
-        spec, centres = IRV2_FLAIR_INPUT, None
-        card = {"source": "FLAIR-Brain-Age 3D Inception-ResNet-V2"}
+        arch = layout
+        state = strip_module_prefix(obj)
+        if arch == "sfcn" and state["classifier.conv_6.weight"].shape[0] != 40:
+            raise ValueError(f"{path}: SFCN layout with {state['classifier.conv_6.weight'].shape[0]}"
+                             " bins; the published SFCNs have 40")
+        zoo_entry, named = published_entry(path, arch, entry)
+        net = build_published(arch)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: does not load strictly into the published {arch}: "
+                             f"{exc}") from None
+        spec = zoo_entry.input
+        centres = bin_centres(*zoo_entry.bins) if zoo_entry.bins else None
+        card = published_card(zoo_entry, named)
+        if named:
+            name = name or zoo_entry.name
+            modality = modality or zoo_entry.modality
     net.eval().to(device)
     return LoadedModel(name=name or Path(path).stem, arch=arch, network=net, input=spec,
                        centres=centres, sha256=sha256sum(path), path=path, card=card,

@@ -14,7 +14,18 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .checkpoint import IRV2_FLAIR_INPUT, UKB_INPUT, InputSpec, detect_layout, mni_box_grid, sha256sum
+from .checkpoint import (
+    FLAIR_BRAIN_AGE_SFCN_BINS,
+    FLAIR_BRAIN_AGE_SFCN_INPUT,
+    FORMAT,
+    IRV2_FLAIR_INPUT,
+    UKB_BINS,
+    UKB_INPUT,
+    InputSpec,
+    detect_layout,
+    mni_box_grid,
+    sha256sum,
+)
 
 PACKAGE_MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
 CACHE_ENV = "BRAINAGE_BIDS_MODELS"
@@ -26,6 +37,10 @@ FLAIR_BRAIN_AGE_CITATION = ("Brain age estimation on T2-FLAIR scans for applicat
 FLAIR_BRAIN_AGE_RECIPE = ("N4; affine to the whole-head FSL MNI152 1 mm template, no skull "
                           "stripping; z-score over non-zero voxels; trilinear resize to "
                           "121x145x121; min-max to [0, 1]; centre crop 118x142x118")
+FLAIR_BRAIN_AGE_SFCN_RECIPE = ("skull strip; affine to the FSL MNI152 1 mm template; brain on the "
+                               "182x218x182 grid; z-score over non-zero voxels; min-max to [0, 1]; "
+                               "centre crop 160x192x160")
+FLAIR_BRAIN_AGE_TEST_SET = "FLAIR-Brain-Age held-out test set (n=174)"
 IXI_GRID = mni_box_grid(2.0)
 
 
@@ -36,7 +51,7 @@ class ModelNotInstalled(LookupError):
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    arch: str                 # sfcn | irv2 | ensemble
+    arch: str                 # sfcn | irv2 | densenet169 | ensemble
     modality: str             # T1w | FLAIR
     output: str               # bins | scalar | ensemble
     recipe: str               # preprocessing the weights expect
@@ -49,11 +64,17 @@ class ZooEntry:
     bundled: str = ""         # file inside the package
     members: tuple = ()       # ensembles: names of member entries
     notes: str = ""
+    bins: tuple = ()          # published SFCNs: (lo, hi, width) of the age bins
+    age_range: tuple = ()     # ages the model covers (QC flags outside it)
+    mae: float | None = None  # the publisher's test MAE of this model, years
+    mae_test_set: str = ""    # where that MAE was measured
 
     def summary(self) -> dict:
         d = asdict(self)
         d["input"] = None if self.input is None else self.input.as_dict()
         d["members"] = list(self.members)
+        d["bins"] = list(self.bins)
+        d["age_range"] = list(self.age_range)
         return d
 
 
@@ -62,8 +83,26 @@ def _flair_member(epoch: int) -> ZooEntry:
         name=f"flair-brain-age-flair-e{epoch}", arch="irv2", modality="FLAIR", output="scalar",
         recipe=FLAIR_BRAIN_AGE_RECIPE, input=IRV2_FLAIR_INPUT, licence="MIT",
         citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL,
-        filename=f"best_MSE_model_inception_flair_r2_e{epoch}.pth",
+        filename=f"best_MSE_model_inception_flair_r2_e{epoch}.pth", mae=3.31,
+        mae_test_set=FLAIR_BRAIN_AGE_TEST_SET,
         notes="one member of the published 5-model FLAIR ensemble (test MAE 3.31 single)")
+
+
+def _flair_study_model(arch: str, modality: str, filename: str, mae: float) -> ZooEntry:
+    """The FLAIR study's SFCN and DenseNet169 files (T1w and FLAIR)."""
+    sfcn = arch == "sfcn"
+    label = "sfcn" if sfcn else "densenet"
+    return ZooEntry(
+        name=f"flair-brain-age-{label}-{modality.lower()}", arch=arch, modality=modality,
+        output="bins" if sfcn else "scalar",
+        recipe=FLAIR_BRAIN_AGE_SFCN_RECIPE if sfcn else FLAIR_BRAIN_AGE_RECIPE,
+        input=FLAIR_BRAIN_AGE_SFCN_INPUT if sfcn else IRV2_FLAIR_INPUT, licence="MIT",
+        citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL, filename=filename,
+        bins=FLAIR_BRAIN_AGE_SFCN_BINS if sfcn else (),
+        age_range=FLAIR_BRAIN_AGE_SFCN_BINS[:2] if sfcn else (), mae=mae,
+        mae_test_set=FLAIR_BRAIN_AGE_TEST_SET,
+        notes=(f"FLAIR study {'SFCN, 40 bins 15-95 y' if sfcn else 'DenseNet169 (MONAI)'}, "
+               f"{modality}; test MAE {mae}"))
 
 
 FLAIR_EPOCHS = (3, 4, 6, 7, 10)
@@ -87,15 +126,20 @@ REGISTRY: dict[str, ZooEntry] = {e.name: e for e in [
                  "networks. Medical Image Analysis 68 (2021) 101871",
         url="https://github.com/ha-ha-ha-han/UKBiobank_deep_pretrain/raw/4e56dc15/brain_age/"
             "run_20190719_00_epoch_best_mae.p",
-        filename="run_20190719_00_epoch_best_mae.p",
+        filename="run_20190719_00_epoch_best_mae.p", bins=UKB_BINS, age_range=UKB_BINS[:2],
+        mae=2.14, mae_test_set="UK Biobank test set (Peng et al. 2021)",
         notes="UK Biobank, ages 44-80 (40 one-year bins 42-82); test MAE 2.14 there"),
     *[_flair_member(e) for e in FLAIR_EPOCHS],
+    _flair_study_model("sfcn", "T1w", "best_SFCN_model_t1.pth", 3.45),
+    _flair_study_model("sfcn", "FLAIR", "best_SFCN_model_flair.pth", 4.12),
+    _flair_study_model("densenet169", "T1w", "best_model_densenet_t1.pth", 3.43),
+    _flair_study_model("densenet169", "FLAIR", "best_model_densenet_flair.pth", 3.74),
     ZooEntry(
         name="flair-brain-age-flair", arch="ensemble", modality="FLAIR", output="ensemble",
         recipe=FLAIR_BRAIN_AGE_RECIPE, input=IRV2_FLAIR_INPUT, licence="MIT",
         citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL,
-        members=tuple(f"flair-brain-age-flair-e{e}" for e in FLAIR_EPOCHS),
-        notes="default FLAIR model: the published 5-model ensemble (test MAE 2.81)"),
+        members=tuple(f"flair-brain-age-flair-e{e}" for e in FLAIR_EPOCHS), mae=2.81,
+        mae_test_set=FLAIR_BRAIN_AGE_TEST_SET, notes="default FLAIR model: the published 5-model ensemble (test MAE 2.81)"),
 ]}
 
 DEFAULT_MODELS = {"T1w": "ixi-sfcn-2mm", "FLAIR": "flair-brain-age-flair"}
@@ -163,7 +207,8 @@ def install(name: str, source: str | os.PathLike, sha256: str | None = None) -> 
     """Check a downloaded weights file and copy it into the cache; return the cached path.
 
     The sha256 is checked against the entry's (or the ``sha256`` argument); the layout is checked
-    by loading the file strictly into the entry's architecture.
+    by loading the file strictly into the entry's architecture. The record written beside the
+    cached file names the entry, so files of a shared layout (the SFCNs) run with its recipe.
     """
     from .checkpoint import load_model
 
@@ -179,13 +224,17 @@ def install(name: str, source: str | os.PathLike, sha256: str | None = None) -> 
         raise ValueError(f"{source}: sha256 {digest} does not match {expected} recorded for {name}")
     import torch
     obj = torch.load(source, map_location="cpu", weights_only=True)
-    layout = detect_layout(obj)
-    arch = obj.get("arch", "sfcn") if layout == "brainage-bids" else (
-        "sfcn" if layout == "ukb-sfcn" else "irv2")
+    try:
+        layout = detect_layout(obj)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    arch = obj.get("arch", "sfcn") if layout == FORMAT else layout
+    kind = "our checkpoint format" if layout == FORMAT else "published layout"
     if arch != entry.arch:
-        raise ValueError(f"{source}: holds a {arch} network ({layout} layout), but {name} is "
+        raise ValueError(f"{source}: holds a {arch} network ({kind}), but {name} is "
                          f"{entry.arch}")
-    load_model(source)  # strict loading: raises on any key or shape mismatch
+    # strict loading: raises on any key or shape mismatch
+    load_model(source, entry=None if layout == FORMAT else name)
     dest_dir = cache_dir()
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / f"{name}.pt"
@@ -252,9 +301,15 @@ def resolve_request(value: str) -> ModelRequest:
         layout = detect_layout(obj)
     except ValueError as exc:
         raise ValueError(f"--model {value}: {exc}") from None
-    declared = obj.get("modality", "T1w") if layout == "brainage-bids" else (
-        "T1w" if layout == "ukb-sfcn" else None)
-    name = obj.get("name") or path.stem if layout == "brainage-bids" else path.stem
+    if layout == FORMAT:
+        declared, name = obj.get("modality", "T1w"), obj.get("name") or path.stem
+    else:
+        from .checkpoint import published_entry
+        try:
+            entry, named = published_entry(path, layout)
+        except ValueError as exc:
+            raise ValueError(f"--model {value}: {exc}") from None
+        declared, name = (entry.modality, entry.name) if named else (None, path.stem)
     return ModelRequest(name=name, modality=modality or declared,
                         members=[(name, str(path.resolve()), declared or "")])
 
