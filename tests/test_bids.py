@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ from brainage_bids.utils.bids import (
 )
 from brainage_bids.workflows.outputs import derivative_paths
 
-from conftest import listing
+from conftest import listing, write_tsv
 
 
 def _read_tsv(path):
@@ -61,9 +62,9 @@ def test_session_age_and_fallback(synthetic_bids):
     # ses-A: sessions.tsv has an age, which wins over participants.tsv
     assert scans["A"].age == float(sessions["ses-A"])
     assert scans["A"].age != float(participants["sub-04"]["age"])
-    # ses-B: n/a in sessions.tsv, so participants.tsv is used
+    # ses-B: n/a in sessions.tsv and no days_since_baseline: n/a, not the participants.tsv age
     assert sessions["ses-B"] == "n/a"
-    assert scans["B"].age == float(participants["sub-04"]["age"])
+    assert scans["B"].age is None and "sub-04_sessions.tsv" in scans["B"].age_note
     assert scans["A"].session_id == "ses-A"
     assert scans["A"].prefix == "sub-04_ses-A"
     assert scans["A"].anat_dir == "sub-04/ses-A/anat"
@@ -95,8 +96,8 @@ def test_longitudinal_ms_dataset(shared_data):
             rows = {r["session_id"]: r for r in _read_tsv(sessions_tsv)}
             value = rows.get(s.session_id, {}).get("age", "n/a")
             ses_age = None if value in ("", "n/a") else float(value)
-        expected_age = ses_age if ses_age is not None else float(participants[s.participant_id]["age"])
-        assert s.age == pytest.approx(expected_age)
+        assert ses_age is not None  # every session of this dataset has its age in sessions.tsv
+        assert s.age == pytest.approx(ses_age)
         assert s.sex == participants[s.participant_id]["sex"]
     # a concrete value: sub-patient01 ses-2 is 20.56 in its sessions.tsv (participants.tsv says 20)
     (s,) = [s for s in scans if s.subject == "patient01" and s.session == "2"]
@@ -244,3 +245,71 @@ def test_write_derivative_description(make_dataset, tmp_path):
     # idempotent, and no temporary files left
     write_derivative_description(bids, out)
     assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "dataset_description.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# demographics (issue 16)
+def _ages_dataset(make_dataset, ages: list, sexes=None):
+    bids = make_dataset({f"{i:02d}": {"age": 30, "sex": "F"} for i in range(1, len(ages) + 1)})
+    sexes = sexes or ["F"] * len(ages)
+    write_tsv(bids / "participants.tsv", ["participant_id", "age", "sex"],
+              [[f"sub-{i:02d}", a, x] for i, (a, x) in enumerate(zip(ages, sexes), 1)])
+    return bids
+
+
+def test_ages_parsed_or_refused_with_file_line_and_value(make_dataset, caplog):
+    bids = _ages_dataset(make_dataset, ["40.5", "45Y", "forty", "-5", "300", "89+", "018M"])
+    with caplog.at_level(logging.WARNING):
+        scans = {s.subject: s for s in collect_scans(bids)}
+    f = bids / "participants.tsv"
+    assert scans["01"].age == 40.5 and scans["01"].age_note is None
+    assert scans["02"].age == 45.0  # a DICOM age string, read with a warning naming it
+    assert f"{f} line 3 (sub-02): age '45Y' read as 45 years" in caplog.text
+    assert scans["07"].age == 1.5
+    for label, line, why in [("03", 4, "age 'forty' is not a number of years"),
+                             ("04", 5, "age '-5' is outside 0-120 years"),
+                             ("05", 6, "age '300' is outside 0-120 years"),
+                             ("06", 7, "age '89+' is censored")]:
+        assert scans[label].age is None
+        assert scans[label].age_note.startswith(f"{f} line {line} (sub-{label}): {why}")
+
+
+def test_duplicate_participant_rows(make_dataset, caplog):
+    bids = make_dataset({"01": {"age": 30}, "02": {"age": 30}})
+    write_tsv(bids / "participants.tsv", ["participant_id", "age", "sex"],
+              [["sub-01", 40, "F"], ["sub-02", 55, "M"], ["sub-01", 70, "M"], ["sub-02", 55, "M"]])
+    with caplog.at_level(logging.WARNING):
+        scans = {s.subject: s for s in collect_scans(bids)}
+    # identical rows: one kept, with a warning
+    assert scans["02"].age == 55.0 and scans["02"].sex == "M"
+    assert "sub-02 is on lines 3, 5 (identical rows); one is kept" in caplog.text
+    # conflicting rows: the conflicting values are n/a and the warning names lines and values
+    assert scans["01"].age is None and scans["01"].sex is None
+    assert "sub-01 is on lines 2, 4 with conflicting values (age 40, 70; sex F, M)" in caplog.text
+
+
+def test_session_ages_rules(make_dataset):
+    bids = make_dataset({"01": {"age": 40.0, "sessions": {"1": None, "2": None, "3": None}},
+                         "02": {"age": 60.0, "sessions": {"1": None, "2": None}},
+                         "03": {"age": 30.0, "sessions": {"a": None, "b": None}},
+                         "04": {"age": 50.0, "sessions": {"1": None}}})
+    # sub-01: ses-1 has an age, ses-2 only days since baseline, ses-3 is not in sessions.tsv
+    write_tsv(bids / "sub-01" / "sub-01_sessions.tsv", ["session_id", "age", "days_since_baseline"],
+              [["ses-1", 40.0, 0], ["ses-2", None, 730.5]])
+    # sub-02: days since baseline only: participants.tsv age is the age at day 0
+    write_tsv(bids / "sub-02" / "sub-02_sessions.tsv", ["session_id", "days_since_baseline"],
+              [["ses-1", 0], ["ses-2", 365.25]])
+    # sub-03: acq_time, one session with an age
+    write_tsv(bids / "sub-03" / "sub-03_sessions.tsv", ["session_id", "age", "acq_time"],
+              [["ses-a", 30.0, "2020-01-01T10:00:00"], ["ses-b", None, "2021-01-01T10:00:00"]])
+    # sub-04: one session whose sessions.tsv has no age: the participants.tsv age applies
+    (bids / "sub-04" / "sub-04_sessions.tsv").write_text("session_id\tacq_time\nses-1\tn/a\n")
+    scans = {(s.subject, s.session): s for s in collect_scans(bids)}
+    assert scans[("01", "1")].age == 40.0
+    assert scans[("01", "2")].age == pytest.approx(42.0)
+    assert scans[("01", "3")].age is None
+    assert "ses-3 is not in" in scans[("01", "3")].age_note
+    assert "participants.tsv age is not used" in scans[("01", "3")].age_note
+    assert scans[("02", "1")].age == 60.0 and scans[("02", "2")].age == pytest.approx(61.0)
+    assert scans[("03", "b")].age == pytest.approx(30.0 + 366 / 365.25)
+    assert scans[("04", "1")].age == 50.0

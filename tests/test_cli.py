@@ -156,3 +156,57 @@ def test_progress_callback_counts_finished_and_failed_nodes(caplog):
         progress(SimpleNamespace(fullname="brainage_wf.b"), "exception")
     assert progress.done == 2
     assert "[1/3] a" in caplog.text and "[2/3] FAILED brainage_wf.b" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# one-line errors before anything is written (issue 16)
+def _one_line_error(caplog, *needles):
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    msg = errors[0].getMessage()
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_non_utf8_participants_tsv(make_dataset, tmp_path, random_model, caplog):
+    bids = make_dataset()
+    f = bids / "participants.tsv"
+    f.write_bytes(f.read_bytes().replace(b"F", b"\xff", 1))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code = _run([bids, out, "participant", "--model", random_model], tmp_path)
+    assert code == 65
+    _one_line_error(caplog, str(f), "not UTF-8")
+    assert not out.exists()
+
+
+def test_model_file_that_is_plain_text(synthetic_bids, tmp_path, caplog):
+    notes = tmp_path / "notes.pt"
+    notes.write_text("these are my notes, not a checkpoint\n")
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code = _run([synthetic_bids, out, "participant", "--model", notes], tmp_path)
+    assert code == 65
+    _one_line_error(caplog, str(notes))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args", ['{"n_procs": "lots"}', '{"n_procs": 0}',
+                                  '{"memory_gb": "much"}'])
+def test_plugin_args_with_bad_values(synthetic_bids, tmp_path, random_model, caplog, args):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.ERROR):
+        code = _run([synthetic_bids, out, "participant", "--model", random_model,
+                     "--plugin-args", args], tmp_path)
+    assert code == 64
+    _one_line_error(caplog, "--plugin-args", args.split('"')[1])
+    assert not out.exists()
+
+
+def test_default_work_dir_is_unique_per_output_dir(tmp_path):
+    from brainage_bids.cli.run import default_work_dir
+
+    a, b = default_work_dir(tmp_path / "out-a"), default_work_dir(tmp_path / "out-b")
+    assert a != b and a == default_work_dir(tmp_path / "out-a")
+    assert a.name.startswith("brainage-bids-work-")

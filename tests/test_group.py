@@ -492,3 +492,28 @@ def test_bias_fit_leaves_out_qc_flagged_controls(tmp_path):
     assert excluded == [{"participant_id": "sub-hc000", "session_id": None, "model": "m1",
                          "suffix": "T1w", "lesion_filled": "false",
                          "qc_flags": "low_registration"}]
+
+
+def test_group_ages_parsed_and_sessions_not_given_participant_age(tmp_path, caplog):
+    """The group level reads ages as the participant level does: impossible or unreadable ones
+    are n/a with a warning naming file and line, and a session row without its own age does not
+    take the participants.tsv one."""
+    from brainage_bids.stats.group import merge_clinical, read_clinical
+
+    bids = tmp_path / "bids"
+    (bids / "sub-02").mkdir(parents=True)
+    write_tsv(bids / "participants.tsv", ["participant_id", "age", "sex"],
+              [["sub-01", "300", "F"], ["sub-02", "40", "M"], ["sub-03", "45Y", "F"]])
+    write_tsv(bids / "sub-02" / "sub-02_sessions.tsv", ["session_id", "age"],
+              [["ses-1", "40"], ["ses-2", "n/a"]])
+    with caplog.at_level(logging.WARNING):
+        participants, sessions = read_clinical(bids)
+    assert f"{bids / 'participants.tsv'} line 2: age '300' is outside 0-120 years" in caplog.text
+    table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-02", "sub-03"],
+                          "session_id": [None, "ses-1", "ses-2", None],
+                          "chronological_age": np.nan})
+    merged = merge_clinical(table, participants, sessions)
+    assert merged["age"].tolist()[:1] == [pytest.approx(np.nan, nan_ok=True)]
+    assert merged["age"].iloc[1] == 40.0
+    assert np.isnan(merged["age"].iloc[2])  # ses-2 has no age: not the participants.tsv 40
+    assert merged["age"].iloc[3] == 45.0

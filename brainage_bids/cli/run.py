@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -34,8 +35,16 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def check_paths(opts) -> tuple[Path, Path, Path]:
-    """Resolve and check bids_dir, output_dir and work_dir before any work starts."""
+def default_work_dir(output_dir: Path) -> Path:
+    """``<tmp>/brainage-bids-work-<hash of OUTPUT_DIR>``: one work dir per output dir, so runs
+    into different outputs (two datasets sharing a participant label) never share one."""
+    digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"brainage-bids-work-{digest}"
+
+
+def check_paths(opts, create: bool = True) -> tuple[Path, Path, Path]:
+    """Resolve and check bids_dir, output_dir and work_dir before any work starts; with
+    ``create``, also create them (see :func:`create_dirs`)."""
     bids_dir = Path(opts.bids_dir).resolve()
     output_dir = Path(opts.output_dir).resolve()
     if not bids_dir.is_dir():
@@ -43,12 +52,18 @@ def check_paths(opts) -> tuple[Path, Path, Path]:
     if _is_within(output_dir, bids_dir):
         raise UsageError(f"output directory {output_dir} is inside the BIDS dataset {bids_dir}; "
                          "nothing may be written into the input dataset", EXIT_USAGE)
-    work_dir = Path(opts.work_dir).resolve() if opts.work_dir else (
-        Path(tempfile.gettempdir()) / "brainage-bids-work")
+    work_dir = Path(opts.work_dir).resolve() if opts.work_dir else default_work_dir(output_dir)
     if _is_within(work_dir, bids_dir):
         raise UsageError(f"work directory {work_dir} is inside the BIDS dataset {bids_dir}",
                          EXIT_USAGE)
-    for d in (output_dir, work_dir):
+    if create:
+        create_dirs(output_dir, work_dir)
+    return bids_dir, output_dir, work_dir
+
+
+def create_dirs(*dirs: Path) -> None:
+    """Create and probe each directory; a failure is exit 73."""
+    for d in dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)
             probe = d / f".write-test-{os.getpid()}"
@@ -56,7 +71,6 @@ def check_paths(opts) -> tuple[Path, Path, Path]:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"cannot create or write {d}: {exc}", EXIT_CANT_CREATE) from exc
-    return bids_dir, output_dir, work_dir
 
 
 def plugin_settings(opts) -> dict:
@@ -79,6 +93,7 @@ def plugin_settings(opts) -> dict:
                 raise UsageError(f"--plugin-args is neither JSON nor a file: {exc}") from exc
         if not isinstance(args, dict):
             raise UsageError("--plugin-args must be a JSON object")
+        check_plugin_args(args)
     if opts.plugin not in ("MultiProc", "Linear"):
         # nipype's cluster plugins read LOGNAME (unset in some batch and container environments)
         import getpass
@@ -94,6 +109,28 @@ def plugin_settings(opts) -> dict:
         # Workers forked from a process that already ran PyTorch can deadlock in its OpenMP pool.
         args.setdefault("mp_context", "forkserver")
     return {"plugin": opts.plugin, "plugin_args": args}
+
+
+#: Typed arguments of nipype's local plugins: (type, smallest value).
+PLUGIN_ARG_TYPES = {"n_procs": (int, 1), "memory_gb": (float, 0.01), "n_gpu_procs": (int, 0),
+                    "maxtasksperchild": (int, 1), "raise_insufficient": (bool, None)}
+
+
+def check_plugin_args(args: dict) -> None:
+    """A UsageError naming the key and value of a --plugin-args entry of the wrong type or
+    range (numbers for n_procs, memory_gb, n_gpu_procs, maxtasksperchild; a boolean for
+    raise_insufficient)."""
+    for key, (kind, low) in PLUGIN_ARG_TYPES.items():
+        if key not in args:
+            continue
+        value = args[key]
+        ok = isinstance(value, bool) if kind is bool else (
+            not isinstance(value, bool) and isinstance(value, (int, float) if kind is float
+                                                       else int) and value >= low)
+        if not ok:
+            want = ("true or false" if kind is bool else
+                    f"{'an integer' if kind is int else 'a number'} >= {low:g}")
+            raise UsageError(f"--plugin-args: {key} must be {want}, not {json.dumps(value)}")
 
 
 def local_poll_seconds(plugin: str) -> str:
@@ -148,11 +185,24 @@ def resolve_models(opts) -> list:
                 requests.append(resolve_request(DEFAULT_MODELS[modality]))
     except (ModelNotInstalled, FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc), EXIT_NO_INPUT) from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. a text file given as a checkpoint
+        bad = next((v for v in opts.model or [] if not _loads(resolve_request, v)), None)
+        what = f"--model {bad}" if bad else "--model"
+        raise UsageError(f"{what}: not a readable model checkpoint ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split()) or 'unreadable'})", EXIT_DATA) from exc
     for r in requests:
         if r.modality is not None and r.modality not in opts.modalities:
             LOG.warning("model %s (%s) has no %s scans to run on; add --modalities %s", r.name,
                         r.modality, r.modality, r.modality)
     return requests
+
+
+def _loads(resolve, value) -> bool:
+    try:
+        resolve(value)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def crash_messages(log_dir: str) -> list[str]:
@@ -208,7 +258,8 @@ def run_participant(opts) -> int:
     from ..reports import write_participant_report
 
     plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
-    bids_dir, output_dir, work_dir = check_paths(opts)
+    # Every input is checked before the output and work directories are created.
+    bids_dir, output_dir, work_dir = check_paths(opts, create=False)
     scans = collect_scans(bids_dir, opts.participant_label, opts.session_label,
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation,
                           modalities=opts.modalities)
@@ -224,10 +275,11 @@ def run_participant(opts) -> int:
         LOG.info("lesion masks: %d scan(s) filled, %d with an empty mask, %d without a mask",
                  len(matched.by_scan), len(matched.empty),
                  len(scans) - len(matched.by_scan) - len(matched.empty))
+    create_dirs(output_dir, work_dir)
     for scan in scans:
         if scan.age is None and models:
-            LOG.warning("%s: no age in sessions.tsv or participants.tsv; it is predicted and its "
-                        "brain_age_gap is n/a", scan.path)
+            LOG.warning("%s: no age (%s); it is predicted and its brain_age_gap is n/a",
+                        scan.relpath, scan.age_note or "none in sessions.tsv or participants.tsv")
     template = get_template()
     skull_strip = resolve_method(opts.skull_strip, opts.device)
     saliency = bool(models) and (opts.saliency if opts.saliency is not None
@@ -326,8 +378,40 @@ def run_train(opts) -> int:
     return EXIT_OK
 
 
+def run_models_predict(opts) -> int:
+    """``brainage-bids models predict``: one row per image on stdout."""
+    from ..models import direct, zoo
+    from ..models.inference import resolve_device
+
+    prog = "brainage-bids models predict"
+    try:
+        direct.check_images(opts.images + (opts.mask or []))
+        request = zoo.resolve_request(opts.model)
+        device = resolve_device(opts.device)
+        members = direct.load_request(request, device=device)
+        rows = direct.predict_images(members, opts.images, name=request.name, masks=opts.mask,
+                                     device=device, precision=opts.precision)
+    except (zoo.ModelNotInstalled, FileNotFoundError) as exc:
+        print(f"{prog}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_NO_INPUT
+    except KeyError as exc:
+        print(f"{prog}: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, RuntimeError) as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    if opts.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print("image\tmodel\tpredicted_age\tpredicted_age_sd")
+        for r in rows:
+            sd = "n/a" if r["predicted_age_sd"] is None else f"{r['predicted_age_sd']:.4f}"
+            print(f"{r['image']}\t{r['model']}\t{r['predicted_age']:.4f}\t{sd}")
+    return EXIT_OK
+
+
 def run_models(argv: list[str]) -> int:
-    """``brainage-bids models list | install``."""
+    """``brainage-bids models list | install | predict``."""
     from ..models import zoo
     from .parser import build_models_parser
 
@@ -346,6 +430,8 @@ def run_models(argv: list[str]) -> int:
                 print(f"{r['name']:28} {r['arch']:9} {r['modality']:8} {r['state']:10} {r['notes']}")
             print(f"\ncache: {zoo.cache_dir()} (set ${zoo.CACHE_ENV} to change it)")
         return EXIT_OK
+    if opts.command == "predict":
+        return run_models_predict(opts)
     try:
         dest = zoo.install(opts.name, opts.source, sha256=opts.sha256)
     except (KeyError, FileNotFoundError) as exc:

@@ -67,19 +67,39 @@ class Skip(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # inputs
+def _parsed_ages(frame: pd.DataFrame, f: Path) -> pd.DataFrame:
+    """``age`` read as participant level reads it (utils.bids.parse_age): unusable ages are NaN,
+    with a warning naming the file, line and value."""
+    from ..utils.bids import parse_age
+
+    if "age" not in frame:
+        return frame.drop(columns="_line", errors="ignore")
+    frame = frame.copy()
+    ages = []
+    for value, line in zip(frame["age"], frame.get("_line", [None] * len(frame))):
+        age, problem = parse_age(value)
+        if problem:
+            LOG.warning("%s line %s: %s%s", f, line, problem, "" if age is not None else
+                        "; the age is n/a")
+        ages.append(np.nan if age is None else age)
+    frame["age"] = ages
+    return frame.drop(columns="_line", errors="ignore")
+
+
 def read_clinical(bids_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """participants.tsv (one row per participant, text) and every sub-*_sessions.tsv stacked
-    (participant_id, session_id, ...); empty frames where absent."""
+    """participants.tsv (one row per participant, text; ``age`` parsed) and every
+    sub-*_sessions.tsv stacked (participant_id, session_id, ...); empty frames where absent."""
     from ..utils.bids import read_participants, read_sessions
 
     bids_dir = Path(bids_dir)
-    participants = read_participants(bids_dir).reset_index()
+    participants = _parsed_ages(read_participants(bids_dir).reset_index(),
+                                bids_dir / "participants.tsv")
     frames = []
     for f in sorted(bids_dir.glob("sub-*/sub-*_sessions.tsv")):
         label = f.parent.name[len("sub-"):]
         s = read_sessions(bids_dir, label)
         if s is not None:
-            s = s.reset_index()
+            s = _parsed_ages(s.reset_index(), f)
             s.insert(0, "participant_id", f"sub-{label}")
             frames.append(s)
     sessions = (pd.concat(frames, ignore_index=True) if frames
@@ -102,12 +122,15 @@ def merge_clinical(table: pd.DataFrame, participants: pd.DataFrame,
                    sessions: pd.DataFrame) -> pd.DataFrame:
     """``table`` with the participants.tsv and sessions.tsv columns of each row added (a session's
     value wins over the participant's), plus ``session_order``. Columns already in ``table`` are
-    not overwritten."""
+    not overwritten. Rows of a session never take the participants.tsv ``age`` (an age at some
+    other session): theirs comes from sessions.tsv or stays n/a."""
     d = table.copy()
     keep = [c for c in participants.columns if c == "participant_id" or c not in d.columns]
     if len(participants):
         d = d.merge(participants[keep].drop_duplicates("participant_id"), on="participant_id",
                     how="left")
+        if "age" in keep and "session_id" in d:
+            d.loc[d["session_id"].notna().to_numpy(), "age"] = np.nan
     d["session_order"] = np.nan
     if len(sessions):
         s = sessions.copy()
