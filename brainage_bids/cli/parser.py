@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = p.add_argument_group("execution")
     run.add_argument("-w", "--work-dir", metavar="DIR",
-                     help="intermediate files (default: brainage-bids-work in the system temp folder)")
+                     help="intermediate files (default: brainage-bids-work-<hash of OUTPUT_DIR> "
+                          "in the system temp folder)")
     run.add_argument("--nprocs", type=int, default=os.cpu_count() or 1,
                      help="processes run in parallel (MultiProc)")
     run.add_argument("--omp-nthreads", type=int, default=None,
