@@ -142,8 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="soft-label age range, one-year bins")
     tr.add_argument("--val-fraction", type=float, default=0.15,
                     help="validation share of the training participants")
-    tr.add_argument("--test-fraction", type=float, default=0.2,
-                    help="held-out test share, never used for training or model selection")
+    tr.add_argument("--test-fraction", type=float, default=None,
+                    help="held-out test share, never used for training or model selection "
+                         "(default 0 for --ensemble-mode cv, whose out-of-fold predictions are "
+                         "the held-out figures, else 0.2)")
+    tr.add_argument("--augment", nargs="+", default=["all"], metavar="FAMILY",
+                    help="training augmentation families: all (default), none, legacy (shifts "
+                         "and flips only, the recipe before 0.2), or any of affine gamma bias "
+                         "noise blur slices histogram")
+    tr.add_argument("--augment-probability", type=float, default=0.5, metavar="P",
+                    help="probability of each augmentation family per training image")
     return p
 
 
@@ -162,12 +170,33 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError("--ensemble-size must be at least 1")
     if opts.ensemble_size == 1:
         opts.ensemble_mode = "single"
+    if opts.test_fraction is None:
+        opts.test_fraction = 0.0 if opts.ensemble_mode == "cv" else 0.2
+    opts.augment = resolve_augment(opts.augment)
     return opts
 
 
+def resolve_augment(names: list[str]) -> tuple[str, ...]:
+    """The augmentation families of ``--augment`` (``("legacy",)`` for shifts and flips only)."""
+    from ..models.augment import FAMILIES
+
+    names = list(dict.fromkeys(names))
+    if names == ["all"]:
+        return FAMILIES
+    if names == ["none"]:
+        return ()
+    if names == ["legacy"]:
+        return ("legacy",)
+    bad = [n for n in names if n not in FAMILIES]
+    if bad:
+        raise UsageError(f"--augment: unknown famil{'y' if len(bad) == 1 else 'ies'} "
+                         f"{', '.join(bad)}; use all, none, legacy or any of {' '.join(FAMILIES)}")
+    return tuple(n for n in FAMILIES if n in names)
+
+
 def build_models_parser() -> argparse.ArgumentParser:
-    """``brainage-bids models list | install NAME --from FILE``."""
-    p = _Parser(prog="brainage-bids models", description="List and install brain-age models. "
+    """``brainage-bids models list | install NAME --from FILE | predict NAME|FILE IMAGE...``."""
+    p = _Parser(prog="brainage-bids models", description="List, install and run brain-age models. "
                 "Weights are never downloaded by the app: fetch them from the URL `list` shows.")
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="zoo models and whether they are installed")
@@ -177,4 +206,19 @@ def build_models_parser() -> argparse.ArgumentParser:
     ins.add_argument("--from", dest="source", required=True, metavar="FILE",
                      help="the downloaded weights file")
     ins.add_argument("--sha256", help="expected digest, when the entry records none")
+    pr = sub.add_parser(
+        "predict", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="run a model on images already on its template grid (published models: the FSL "
+             "MNI152 1 mm grid, 182x218x182), with the model's own normalisation")
+    pr.add_argument("model", metavar="NAME|FILE", help="zoo name, checkpoint file or ensemble "
+                    "manifest (files of the shared SFCN layout run by their zoo name)")
+    pr.add_argument("images", nargs="+", metavar="IMAGE", help="NIfTI images on the model's grid "
+                    "(the brain or the whole head, as the model's recipe says)")
+    pr.add_argument("--mask", nargs="+", metavar="MASK", help="brain masks, one per image, for "
+                    "models normalised in the brain mask (default: the non-zero voxels)")
+    pr.add_argument("--json", action="store_true", help="print a JSON list of objects with "
+                    "image, model, predicted_age, predicted_age_sd")
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    pr.add_argument("--precision", choices=("fast", "fp32", "bf16"), default="fp32",
+                    help="fp32 (reference) reproduces the publishers' numbers")
     return p

@@ -305,10 +305,7 @@ def resolve_request(value: str) -> ModelRequest:
         declared, name = obj.get("modality", "T1w"), obj.get("name") or path.stem
     else:
         from .checkpoint import published_entry
-        try:
-            entry, named = published_entry(path, layout)
-        except ValueError as exc:
-            raise ValueError(f"--model {value}: {exc}") from None
+        entry, named = published_entry(path, layout)  # ValueError naming the file
         declared, name = (entry.modality, entry.name) if named else (None, path.stem)
     return ModelRequest(name=name, modality=modality or declared,
                         members=[(name, str(path.resolve()), declared or "")])
