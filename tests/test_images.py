@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 
 import nibabel as nib
@@ -271,3 +272,103 @@ def test_gzip_payload_is_valid_nifti(tmp_path):
     target = tmp_path / "x.nii.gz"
     atomic_write_bytes(target, gzip.compress(img.to_bytes()))
     np.testing.assert_array_equal(np.asarray(load_image(target).dataobj), np.asarray(img.dataobj))
+
+
+# --- range, sign, field of view, header consistency (issue 16) ----------------------------------
+
+def test_float64_values_overflowing_float32(tmp_path):
+    """Finite float64 values whose sums leave float32 (x1e30) or that exceed it (1e39) are
+    refused as overflowing, not called NaN or infinite."""
+    data = _volume((20, 20, 20)).astype(np.float64)
+    for scale in (1e30, 1e37):
+        path = _save(nib.Nifti1Image(data * scale, np.eye(4)), tmp_path / f"big{scale:g}.nii.gz")
+        assert np.asanyarray(nib.load(str(path)).dataobj).dtype == np.float64
+        with pytest.raises(InputImageError, match="values overflow float32") as exc:
+            load_image(path)
+        assert str(path) in str(exc.value) and "NaN" not in str(exc.value)
+    load_image(_save(nib.Nifti1Image(data * 1e6, np.eye(4)), tmp_path / "ok.nii.gz"))
+
+
+def test_negative_image_reported(tmp_path):
+    data = _volume((10, 10, 10))
+    for name, values in (("neg", -data), ("shifted", data - 150.0)):
+        path = _save(nib.Nifti1Image(values, np.eye(4)), tmp_path / f"{name}.nii.gz")
+        with pytest.raises(InputImageError, match="a magnitude MRI image is >= 0") as exc:
+            load_image(path)
+        assert str(path) in str(exc.value)
+    # a little negative background noise is fine
+    noisy = data.copy()
+    noisy[:2] = np.random.default_rng(1).normal(0, 5, noisy[:2].shape)
+    load_image(_save(nib.Nifti1Image(noisy, np.eye(4)), tmp_path / "noisy.nii.gz"))
+
+
+def test_field_of_view_too_small_for_a_brain(tmp_path):
+    from brainage_bids.utils.images import check_field_of_view
+
+    crop = nib.Nifti1Image(_volume((20, 20, 20)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    with pytest.raises(InputImageError, match=r"field of view \(40 x 40 x 40 mm\) is too small"):
+        check_field_of_view(crop, "/data/sub-01_T1w.nii.gz")
+    check_field_of_view(nib.Nifti1Image(_volume((91, 109, 91)), np.diag([2.0, 2.0, 2.0, 1.0])),
+                        "ok")
+    # a 2D acquisition: 24 slices of 5 mm cover 120 mm
+    check_field_of_view(nib.Nifti1Image(_volume((256, 256, 24)), np.diag([0.9, 0.9, 5.0, 1.0])),
+                        "ok")
+
+
+def test_validate_image_refuses_small_field_of_view(tmp_path):
+    from brainage_bids.interfaces.bids import ValidateImage
+
+    path = _save(nib.Nifti1Image(_volume((20, 20, 20)), np.diag([2.0, 2.0, 2.0, 1.0])),
+                 tmp_path / "sub-01_T1w.nii.gz")
+    node = ValidateImage(in_file=str(path))
+    with pytest.raises(InputImageError, match="too small to hold a brain"):
+        node.run(cwd=str(tmp_path))
+
+
+def test_implausibly_small_mask():
+    from brainage_bids.utils.images import MIN_BRAIN_ML
+
+    mask = np.zeros((40, 40, 40), bool)
+    mask[:20, :20, :20] = True  # 8000 voxels of 2 mm: 64 mL
+    with pytest.raises(InputImageError, match="implausibly small") as exc:
+        check_mask(mask, "/data/sub-01_T1w.nii.gz", min_ml=MIN_BRAIN_ML, voxel_ml=8e-3)
+    assert "64.00 mL" in str(exc.value)
+    mask[:] = True  # 512 mL
+    check_mask(mask, "src", min_ml=MIN_BRAIN_ML, voxel_ml=8e-3)
+
+
+def test_skull_strip_refuses_a_small_mask(tmp_path):
+    from brainage_bids.interfaces.skullstrip import skull_strip
+
+    data = np.zeros((60, 60, 60), np.float32)
+    data[20:40, 20:40, 20:40] = 100.0  # a 4 cm cube: 64 mL
+    path = _save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "cube.nii.gz")
+    with pytest.raises(InputImageError, match="implausibly small"):
+        skull_strip(str(path), str(tmp_path / "b.nii.gz"), str(tmp_path / "m.nii.gz"),
+                    method="none", source_file="sub-01_T1w.nii.gz")
+
+
+def test_nan_voxels_set_to_zero_are_reported(tmp_path, caplog):
+    data = _volume((10, 10, 10))
+    data[0, 0, :3] = np.nan
+    path = _save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "few.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="brainage_bids.images"):
+        load_image(path)
+    assert f"{path}: 3 NaN or infinite voxel(s) set to 0" in caplog.text
+
+
+def test_qform_sform_disagreement_is_reported(tmp_path, caplog):
+    from brainage_bids.utils.images import rotation
+
+    img = nib.Nifti1Image(_volume((20, 20, 20)), np.eye(4))
+    img.set_sform(np.eye(4), code=1)
+    img.set_qform(rotation((90.0, 0.0, 0.0)), code=1)
+    path = _save(img, tmp_path / "disagree.nii.gz")
+    with caplog.at_level(logging.WARNING, logger="brainage_bids.images"):
+        load_image(path)
+    assert f"{path}: the qform and sform disagree" in caplog.text
+    caplog.clear()
+    img.set_qform(np.eye(4), code=1)
+    with caplog.at_level(logging.WARNING, logger="brainage_bids.images"):
+        load_image(_save(img, tmp_path / "agree.nii.gz"))
+    assert "disagree" not in caplog.text

@@ -14,7 +14,13 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..utils.images import atomic_copy, atomic_write_text, load_image, reorient_ras
+from ..utils.images import (
+    atomic_copy,
+    atomic_write_text,
+    check_field_of_view,
+    load_image,
+    reorient_ras,
+)
 
 
 class _ValidateInputSpec(BaseInterfaceInputSpec):
@@ -27,13 +33,15 @@ class _ValidateOutputSpec(TraitedSpec):
 
 
 class ValidateImage(SimpleInterface):
-    """Check an input scan (see :func:`load_image`) and reorient it to RAS."""
+    """Check an input scan (see :func:`load_image`; its field of view must hold a brain, see
+    :func:`check_field_of_view`) and reorient it to RAS."""
 
     input_spec = _ValidateInputSpec
     output_spec = _ValidateOutputSpec
 
     def _run_interface(self, runtime):
         img = reorient_ras(load_image(self.inputs.in_file))
+        check_field_of_view(img, self.inputs.in_file)
         out = os.path.join(runtime.cwd, "input_ras.nii.gz")
         nib.save(img, out)
         self._results.update(out_file=out, zooms=[float(z) for z in img.header.get_zooms()[:3]])
@@ -45,6 +53,9 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     out_path = traits.Str(mandatory=True, desc="absolute path of the derivative")
     metadata = traits.Dict(desc="JSON sidecar written next to the derivative when given")
     sidecar_file = File(exists=True, desc="JSON file merged into the sidecar (after metadata)")
+    after = traits.Any(desc="an output of a later step of the scan (its prediction); connected, "
+                            "it holds the sink back until that step succeeded, so a scan that "
+                            "fails later publishes nothing")
 
 
 class _SinkOutputSpec(TraitedSpec):

@@ -19,7 +19,7 @@ from nipype.interfaces.base import (
 )
 from scipy import ndimage
 
-from ..utils.images import check_mask, load_image
+from ..utils.images import MIN_BRAIN_ML, check_mask, load_image
 
 METHODS = ("auto", "deepbet", "hd-bet", "none")
 
@@ -101,7 +101,7 @@ def skull_strip(in_file: str, out_brain: str, out_mask: str, method: str = "deep
         raise ValueError(f"unknown skull-strip method {method!r}")
     mask = _largest_component(mask)
     voxel_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-    check_mask(mask, source_file or in_file, voxel_ml=voxel_ml)
+    check_mask(mask, source_file or in_file, min_ml=MIN_BRAIN_ML, voxel_ml=voxel_ml)
     brain = np.where(mask, data, 0).astype(np.float32)
     nib.save(nib.Nifti1Image(brain, img.affine), out_brain)
     nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), out_mask)

@@ -4,6 +4,7 @@ Everything here works on nibabel images or arrays so tests can call it on small 
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -13,8 +14,43 @@ import numpy as np
 from scipy import ndimage
 
 
+LOG = logging.getLogger("brainage_bids.images")
+
+#: Smallest extent (mm) along each axis of an image that can hold an adult brain (about
+#: 140 x 170 x 120 mm); a smaller field of view is refused.
+MIN_FOV_MM = 100.0
+#: Smallest plausible brain-mask volume (mL): an adult brain is 1000-1600 mL, a newborn's ~400.
+MIN_BRAIN_ML = 300.0
+#: qform and sform that place a corner of the image this far apart (mm) are reported.
+QFORM_SFORM_TOLERANCE_MM = 1.0
+
+
 class InputImageError(ValueError):
     """An input image cannot be used; the message names the file and the problem."""
+
+
+def _float32_limit(n_voxels: int) -> float:
+    """Largest |value| whose sum of squares over ``n_voxels`` stays within float32."""
+    return float(np.sqrt(np.finfo(np.float32).max / max(n_voxels, 1)))
+
+
+def _check_qform_sform(img, path: str) -> None:
+    """Warn when a coded qform and sform place the image more than
+    :data:`QFORM_SFORM_TOLERANCE_MM` apart (nibabel, and so this app, uses the sform)."""
+    hdr = getattr(img, "header", None)
+    if not isinstance(hdr, nib.Nifti1Header):
+        return
+    qform, qcode = hdr.get_qform(coded=True)
+    sform, scode = hdr.get_sform(coded=True)
+    if qform is None or sform is None or not qcode or not scode:
+        return
+    shape = np.asarray(img.shape[:3]) - 1
+    corners = np.array([[i, j, k, 1] for i in (0, shape[0]) for j in (0, shape[1])
+                        for k in (0, shape[2])], float).T
+    gap = float(np.max(np.linalg.norm((qform @ corners - sform @ corners)[:3], axis=0)))
+    if gap > QFORM_SFORM_TOLERANCE_MM:
+        LOG.warning("%s: the qform and sform disagree (corners up to %.1f mm apart); the sform "
+                    "is used", path, gap)
 
 
 def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
@@ -41,14 +77,32 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6:
         raise InputImageError(f"{path}: the image affine is singular or not finite")
-    data = np.asarray(data, dtype=np.float32)
-    if not np.all(np.isfinite(data)):
-        bad = int((~np.isfinite(data)).sum())
+    _check_qform_sform(img, path)
+    # Checked at the stored precision, before float32: a finite float64 value can overflow it.
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int((~finite).sum())
         if bad > 0.01 * data.size:
             raise InputImageError(f"{path}: {bad} voxels are NaN or infinite")
-        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        LOG.warning("%s: %d NaN or infinite voxel(s) set to 0", path, bad)
+        data = np.where(finite, data, 0)
+    limit = _float32_limit(data.size)
+    big = float(np.max(np.abs(data))) if data.size else 0.0
+    if big > limit:
+        raise InputImageError(f"{path}: values overflow float32 (largest |value| {big:.3g}; "
+                              f"above {limit:.3g} sums over the image leave the float32 range); "
+                              "rescale the intensities")
+    data = np.asarray(data, dtype=np.float32)
     if float(data.max()) == float(data.min()):
         raise InputImageError(f"{path}: the image is constant ({float(data.max())})")
+    if float(data.max()) <= 0:
+        raise InputImageError(f"{path}: no voxel is positive (values {float(data.min()):.4g} to "
+                              f"{float(data.max()):.4g}); a magnitude MRI image is >= 0")
+    if -float(data.min()) > float(data.max()):
+        raise InputImageError(f"{path}: the image is mostly negative (values "
+                              f"{float(data.min()):.4g} to {float(data.max()):.4g}: the most "
+                              "negative value outweighs the brightest); a magnitude MRI image "
+                              "is >= 0")
     out = nib.Nifti1Image(data, affine)
     out.header.set_xyzt_units("mm")
     return out
@@ -59,11 +113,26 @@ def reorient_ras(img: nib.Nifti1Image) -> nib.Nifti1Image:
     return nib.as_closest_canonical(img)
 
 
+def check_field_of_view(img: nib.Nifti1Image, source: str,
+                        min_mm: float = MIN_FOV_MM) -> None:
+    """Raise :class:`InputImageError` when the image is smaller than ``min_mm`` along an axis
+    (it cannot hold a brain)."""
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    extent = zooms * np.asarray(img.shape[:3])
+    if np.any(extent < min_mm):
+        dims = " x ".join(f"{e:.0f}" for e in extent)
+        raise InputImageError(f"{source}: the field of view ({dims} mm) is too small to hold a "
+                              f"brain (at least {min_mm:.0f} mm along each axis)")
+
+
 def check_mask(mask: np.ndarray, source: str, min_ml: float = 1.0, voxel_ml: float = 1e-3) -> None:
     """Raise :class:`InputImageError` when a brain mask is empty or implausibly small."""
     volume = float(np.count_nonzero(mask)) * voxel_ml
+    if volume == 0:
+        raise InputImageError(f"{source}: the brain mask is empty (0 mL)")
     if volume < min_ml:
-        raise InputImageError(f"{source}: the brain mask is empty ({volume:.2f} mL)")
+        raise InputImageError(f"{source}: the brain mask is implausibly small ({volume:.2f} mL, "
+                              f"below {min_ml:g} mL)")
 
 
 def normalise_mean_in_mask(data: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -42,16 +42,22 @@ def derivative_paths(scan: Scan, output_dir: str) -> dict:
     }
 
 
-def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
+def _hold_back(wf, inputnode, sinks) -> None:
+    """Connect ``inputnode.after`` to every sink's ``after``: they run once it is set."""
+    wf.connect([(inputnode, sink, [("after", "after")]) for sink in sinks])
+
+
+def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str, gated: bool = False,
                        name: str = "ds_preproc_wf"):
     """Write the MNI-space image and brain mask with their sidecars.
 
-    Inputs: ``preproc``, ``mask``, ``registration_report``.
+    Inputs: ``preproc``, ``mask``, ``registration_report`` and, with ``gated``, ``after`` (the
+    prediction's table): nothing is written unless the prediction succeeded.
     """
     paths = derivative_paths(scan, output_dir)
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["preproc", "mask", "registration_report"]),
-                        name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["preproc", "mask", "registration_report", "after"]), name="inputnode")
     common = {"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"]}
     ds_preproc = _sink("ds_preproc", paths["preproc"], {
         **common, "SkullStripped": True, "SkullStripping": skull_strip,
@@ -63,6 +69,8 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str,
         (inputnode, ds_preproc, [("preproc", "in_file"), ("registration_report", "sidecar_file")]),
         (inputnode, ds_mask, [("mask", "in_file")]),
     ])
+    if gated:
+        _hold_back(wf, inputnode, [ds_preproc, ds_mask])
     return wf
 
 
@@ -96,15 +104,16 @@ def init_ds_brainage_wf(*, scan: Scan, output_dir: str, saliency: bool = False,
     return wf
 
 
-def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str,
+def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str, gated: bool = False,
                       name: str = "ds_lesion_wf"):
     """Write the lesion-filled MNI image (sidecar: the filling report) and the lesion mask in MNI.
 
-    Inputs: ``filled``, ``lesion``, ``fill_report``.
+    Inputs: ``filled``, ``lesion``, ``fill_report`` and, with ``gated``, ``after`` (see
+    :func:`init_ds_preproc_wf`).
     """
     paths = derivative_paths(scan, output_dir)
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["filled", "lesion", "fill_report"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=["filled", "lesion", "fill_report", "after"]),
                         name="inputnode")
     sources = [f"bids:raw:{scan.relpath}", lesion_file]
     ds_filled = _sink("ds_filled", paths["filled"], {
@@ -121,4 +130,6 @@ def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str,
         (inputnode, ds_filled, [("filled", "in_file"), ("fill_report", "sidecar_file")]),
         (inputnode, ds_lesion, [("lesion", "in_file")]),
     ])
+    if gated:
+        _hold_back(wf, inputnode, [ds_filled, ds_lesion])
     return wf

@@ -47,12 +47,16 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
                                  lesion_mask=lesion.path if fill else None,
                                  lesion_error=lesion.error if fill else "")
     preproc_wf.inputs.inputnode.in_file = scan.path
-    ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip)
+    # With models, the MNI outputs are written only once the prediction succeeded: a scan that
+    # fails later publishes nothing (its crash file says why).
+    ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip,
+                                       gated=bool(models))
     wf.connect([(preproc_wf, ds_preproc_wf, [
         ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
         ("outputnode.registration_report", "inputnode.registration_report")])])
     if fill:
-        ds_lesion_wf = init_ds_lesion_wf(scan=scan, output_dir=output_dir, lesion_file=lesion.path)
+        ds_lesion_wf = init_ds_lesion_wf(scan=scan, output_dir=output_dir, lesion_file=lesion.path,
+                                         gated=bool(models))
         wf.connect([(preproc_wf, ds_lesion_wf, [
             ("outputnode.filled", "inputnode.filled"), ("outputnode.lesion", "inputnode.lesion"),
             ("outputnode.fill_report", "inputnode.fill_report")])])
@@ -63,6 +67,9 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
             omp_nthreads=omp_nthreads, precision=precision, saliency=saliency, template=template,
             lesion_filled=fill, lesion_volume_ml=None if lesion is None else lesion.volume_ml)
         ds_brainage_wf = init_ds_brainage_wf(scan=scan, output_dir=output_dir, saliency=saliency)
+        wf.connect([(predict_wf, ds_preproc_wf, [("outputnode.out_tsv", "inputnode.after")])]
+                   + ([(predict_wf, ds_lesion_wf, [("outputnode.out_tsv", "inputnode.after")])]
+                      if fill else []))
         wf.connect([
             (preproc_wf, predict_wf, [
                 ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
