@@ -359,7 +359,48 @@ def test_qc_thresholds():
     assert qc.lesion_filling_flags(rows) == [["lesion_filling_disagreement"]] * 2 + [[]] * 3
     assert qc.split_flags("a;b") == ["a", "b"] and qc.split_flags(float("nan")) == []
     assert set(qc.QC_THRESHOLDS) == {"BrainMaskVolumeRange", "PredictedAgeSDFactor",
-                                     "PredictedAgeSDMax", "LesionFillingMaxDifference"}
+                                     "PredictedAgeSDMax", "EnsembleMemberSpreadMax",
+                                     "LesionFillingMaxDifference"}
+
+
+def test_ensemble_sd_has_its_own_threshold():
+    """An ensemble of scalar members (SD = spread of their ages, ddof 0) is flagged when the
+    members' spread exceeds 5 years, though it stays under the single-model 10-year cut."""
+    def table(ages):
+        sd = float(np.std(ages))  # the ensemble SD of scalar members: their population SD
+        rows = [{"model": f"m{i}", "predicted_age": a, "predicted_age_sd": np.nan,
+                 "lesion_filled": "false"} for i, a in enumerate(ages)]
+        rows.append({"model": "ensemble", "predicted_age": float(np.mean(ages)),
+                     "predicted_age_sd": sd, "lesion_filled": "false"})
+        return pd.DataFrame(rows), sd
+
+    members = {"ensemble": ["m0", "m1", "m2", "m3", "m4"]}
+    wide, sd = table([40.0, 44.0, 50.0, 56.0, 60.0])
+    assert 5.0 < sd < qc.SD_ABSOLUTE_MAX == 10.0
+    flags = qc.evaluate_rows(wide, members=members)
+    assert flags[-1] == ["predicted_age_sd_high"] and flags[:-1] == [[]] * 5
+    narrow, sd = table([48.0, 49.0, 50.0, 51.0, 52.0])
+    assert qc.evaluate_rows(narrow, members=members)[-1] == []
+    # members with a reference SD: 1.5 x their mean reference
+    assert qc.ensemble_sd_high(13.0, [50.0, 51.0], reference=8.0)
+    assert not qc.ensemble_sd_high(11.0, [50.0, 51.0], reference=8.0)
+
+
+def test_ensemble_sd_is_documented_as_ddof_0():
+    from types import SimpleNamespace
+
+    from brainage_bids.interfaces.predict import brainage_sidecar
+    from brainage_bids.models.inference import ensemble
+
+    spec = SimpleNamespace(shape=(2, 2, 2), voxel_size=2.0, image="brain",
+                           normalisation="mask_mean")
+    models = [SimpleNamespace(name=n, arch="irv2", sha256="0", modality="FLAIR", output="scalar",
+                              input=spec, centres=None) for n in ("a", "b")]
+    assert "ddof 0" in brainage_sidecar(models)["Ensemble"]["SD"]
+    # the SD is the mixture SD: members without SD, ages 40 and 50 -> population SD 5
+    assert ensemble([40.0, 50.0], [np.nan, np.nan])[1] == pytest.approx(5.0)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "ddof 0" in readme
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,8 +146,10 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
             "Members": [m.name for m in models],
             "Age": "mean of the members' predicted ages",
             "SD": "law of total variance: sqrt(mean of the members' variances + population "
-                  "variance of the members' ages); members without a distribution (scalar "
-                  "output) contribute through the spread of their ages only",
+                  "variance of the members' ages (ddof 0: divided by the number of members, the "
+                  "variance of the equal-weight mixture of the members' distributions, not a "
+                  "sample estimate)); members without a distribution (scalar output) contribute "
+                  "through the spread of their ages only",
         }
     meta["Precision"] = precision
     meta["SoftwareVersion"] = __version__
@@ -274,9 +276,9 @@ class PredictAge(SimpleInterface):
             if len(models) > 1:
                 e_age, e_sd = ensemble(ages, sds)
                 refs = [r for r in (_qc.reference_sd(m.card) for m in models) if r is not None]
-                all_flags.update(_qc.scan_flags(predicted_age_sd=e_sd,
-                                                reference_sd=float(np.mean(refs)) if refs else None,
-                                                mask_volume_ml=vol))
+                all_flags.update(_qc.ensemble_flags(
+                    predicted_age_sd=e_sd, member_ages=ages,
+                    reference_sd=float(np.mean(refs)) if refs else None, mask_volume_ml=vol))
                 order = [f for f in FLAG_ORDER if f in all_flags]
                 rows.append(brainage_row(model="ensemble", predicted=e_age, sd=e_sd, flags=order,
                                          lesion_filled=filled, **common))

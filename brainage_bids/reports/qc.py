@@ -16,7 +16,14 @@ Thresholds and why:
   SD scales differ between models (the default ixi-sfcn-2mm gives 4.8-18.0 years, median 12.9,
   on the 148 IXI controls, whose maximum is 1.44 times its test mean of 12.5), so the cut is
   relative to the model: 1.5 times flags none of those controls and marks distributions that are
-  nearly flat. Ensemble rows use the mean reference of members that have one.
+  nearly flat. Ensemble rows have their own rule: above 1.5 times the mean reference of the
+  members that have one, or a spread of the members' ages (population SD, ddof 0) above 5 years.
+  The absolute 10-year cut is not used for them: an ensemble of scalar-output members (the
+  Inception-ResNet-V2 FLAIR models) has no within-member SD, so its SD is that spread alone and
+  would practically never reach 10 years. 5 years is half the single-model cut, a provisional
+  value (no published figure; members of one ensemble are trained on the same data, so a 5-year
+  disagreement means at least one member is far off). Each member row keeps its own flags, and
+  the ensemble row also carries the flags of its members.
 - ``lesion_filling_disagreement``: lesion-filled and raw predictions of the same scan and model
   differ by more than 4.4 years, the wider 95 % limit of agreement of the NMOSD study's
   Bland-Altman analysis (mean difference 0.28 +/- 2.11 years: 0.28 + 1.96 * 2.11 = 4.4).
@@ -33,6 +40,7 @@ import pandas as pd
 MASK_VOLUME_RANGE_ML = (800.0, 2000.0)
 SD_REFERENCE_FACTOR = 1.5
 SD_ABSOLUTE_MAX = 10.0
+ENSEMBLE_SPREAD_MAX = 5.0
 LESION_FILLING_MAX_DIFF = 4.4
 
 #: Added to the sidecar's QCThresholds next to the registration thresholds.
@@ -40,6 +48,7 @@ QC_THRESHOLDS = {
     "BrainMaskVolumeRange": list(MASK_VOLUME_RANGE_ML),
     "PredictedAgeSDFactor": SD_REFERENCE_FACTOR,
     "PredictedAgeSDMax": SD_ABSOLUTE_MAX,
+    "EnsembleMemberSpreadMax": ENSEMBLE_SPREAD_MAX,
     "LesionFillingMaxDifference": LESION_FILLING_MAX_DIFF,
 }
 
@@ -56,7 +65,9 @@ FLAG_DESCRIPTIONS = {
                                "or kept non-brain tissue",
     "predicted_age_sd_high": f"predicted-age SD above {SD_REFERENCE_FACTOR:g} x the model's mean "
                              f"SD on its test set (or above {SD_ABSOLUTE_MAX:g} years): the model "
-                             "is unsure, often from poor image quality or incomplete coverage",
+                             "is unsure, often from poor image quality or incomplete coverage; "
+                             f"for an ensemble, its members' ages spread by an SD above "
+                             f"{ENSEMBLE_SPREAD_MAX:g} years",
     "lesion_filling_disagreement": f"lesion-filled and raw predictions differ by more than "
                                    f"{LESION_FILLING_MAX_DIFF:g} years",
 }
@@ -97,6 +108,37 @@ def predicted_age_sd_high(sd, reference: float | None = None) -> bool:
     """True when ``sd`` (years) exceeds :func:`sd_threshold` of ``reference``."""
     s = as_finite(sd)
     return s is not None and s > sd_threshold(reference)
+
+
+def member_spread(member_ages) -> float | None:
+    """Population SD (ddof 0) of the members' predicted ages; None with fewer than two."""
+    ages = [a for a in (as_finite(v) for v in member_ages) if a is not None]
+    if len(ages) < 2:
+        return None
+    mean = sum(ages) / len(ages)
+    return math.sqrt(sum((a - mean) ** 2 for a in ages) / len(ages))
+
+
+def ensemble_sd_high(sd, member_ages, reference: float | None = None) -> bool:
+    """The ensemble rule of ``predicted_age_sd_high`` (see the module docstring): ``sd`` above
+    1.5 x ``reference`` (mean member reference), or the members' spread above
+    :data:`ENSEMBLE_SPREAD_MAX`."""
+    s, ref = as_finite(sd), as_finite(reference)
+    if s is not None and ref is not None and ref > 0 and s > SD_REFERENCE_FACTOR * ref:
+        return True
+    spread = member_spread(member_ages)
+    return spread is not None and spread > ENSEMBLE_SPREAD_MAX
+
+
+def ensemble_flags(*, predicted_age_sd=None, member_ages=(), reference_sd=None,
+                   mask_volume_ml=None) -> list[str]:
+    """:func:`scan_flags` for an ensemble row, with :func:`ensemble_sd_high` for the SD."""
+    flags = []
+    if mask_volume_implausible(mask_volume_ml):
+        flags.append("mask_volume_implausible")
+    if ensemble_sd_high(predicted_age_sd, member_ages, reference_sd):
+        flags.append("predicted_age_sd_high")
+    return flags
 
 
 def scan_flags(*, predicted_age_sd=None, reference_sd=None, mask_volume_ml=None) -> list[str]:
@@ -158,12 +200,21 @@ def evaluate_rows(rows: pd.DataFrame, *, mask_volume_ml=None, reference_sds: dic
     members = members or {}
     rows = rows.reset_index(drop=True)
     out = []
-    for _, r in rows.iterrows():
+    filled = rows["lesion_filled"].map(_is_true) if "lesion_filled" in rows else None
+    for i, r in rows.iterrows():
         model = str(r.get("model"))
         ref = reference_sds.get(model)
-        if ref is None and model in members:
+        if model in members:
             refs = [reference_sds[m] for m in members[model] if reference_sds.get(m)]
             ref = sum(refs) / len(refs) if refs else None
+            same = rows["model"].astype(str).isin(members[model])
+            if filled is not None:
+                same &= filled == filled[i]
+            out.append(ensemble_flags(predicted_age_sd=r.get("predicted_age_sd"),
+                                      member_ages=rows.loc[same, "predicted_age"].tolist()
+                                      if "predicted_age" in rows else [],
+                                      reference_sd=ref, mask_volume_ml=mask_volume_ml))
+            continue
         out.append(scan_flags(predicted_age_sd=r.get("predicted_age_sd"), reference_sd=ref,
                               mask_volume_ml=mask_volume_ml))
     for i, extra in enumerate(lesion_filling_flags(rows)):
