@@ -36,14 +36,43 @@ def test_fast_precision_changes_ages_by_less_than_a_tenth_of_a_year(default_inpu
     assert w.is_contiguous()
 
 
-def test_bf16_stays_within_half_a_year(default_inputs):
-    """bf16 is opt-in: on the shipped model it moved ages by up to 0.15 year (above the 0.1-year
-    tolerance of ``fast``); it must stay well under half a year."""
+def test_bf16_stays_within_the_documented_0_15_year(default_inputs):
+    """bf16 is opt-in: on the shipped model it moved ages by up to 0.15 year (README; above the
+    0.1-year tolerance of ``fast``); more than that contradicts the documentation."""
     model, arrays = default_inputs
     ref_age, _, _ = predict_arrays(model, arrays, precision="fp32")
     age, _, _ = predict_arrays(model, arrays, precision="bf16")
     diff = np.abs(age - ref_age)
-    assert np.all(diff < 0.5)
+    assert np.all(diff < 0.15), diff
+
+
+def test_fast_on_cuda_runs_float32(monkeypatch):
+    """``fast`` on CUDA is plain float32 (no float16 autocast) until a GPU benchmark shows
+    float16 within 0.1 year; ``bf16`` on CUDA is bfloat16 autocast."""
+    import torch
+
+    from brainage_bids.models import inference
+
+    used = []
+
+    class Recorder:
+        def __init__(self, device_type, dtype=None, **kw):
+            used.append((device_type, dtype))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch, "autocast", Recorder)
+    net = torch.nn.Linear(3, 2)
+    x = torch.ones(1, 3)
+    out = inference._forward(net, x, "cuda", "fast")  # the device only selects the branch
+    assert used == [] and out.dtype == torch.float32
+    torch.testing.assert_close(out, net(x))
+    inference._forward(net, x, "cuda", "bf16")
+    assert used == [("cuda", torch.bfloat16)]
 
 
 def test_batches_give_the_same_ages(default_inputs):

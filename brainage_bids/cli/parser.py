@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "several, a row model=ensemble is added (default: ixi-sfcn-2mm for T1w, "
                            "flair-brain-age-flair for FLAIR)")
     proc.add_argument("--precision", choices=("fast", "fp32", "bf16"), default="fast",
-                      help="fast: channels_last_3d float32 on CPU (same ages), float16 autocast on "
-                           "CUDA; bf16: bfloat16 autocast (CPU: 2-4x faster, ages move up to "
+                      help="fast: float32 (channels_last_3d on CPU, same ages; plain on CUDA); "
+                           "bf16: bfloat16 autocast (CPU: 2-4x faster, ages move up to "
                            "~0.15 year); fp32: plain float32")
     proc.add_argument("--skull-strip", choices=("auto", "deepbet", "hd-bet", "none"), default="auto",
                       help="auto: HD-BET when installed with its weights and a GPU is used, else "
