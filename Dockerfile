@@ -68,9 +68,11 @@ RUN if python -c "import HD_BET" 2>/dev/null && [ "$FETCH_HDBET_WEIGHTS" = 1 ]; 
     fi \
     && mkdir -p /home/brainage/hd-bet_params
 
-# The MNI152NLin2009aSym template in TemplateFlow layout, so nothing is fetched at run time.
+# Both templates fetched through TemplateFlow at build time (MNI152NLin2009aSym for our models,
+# MNI152NLin6Asym = FSL MNI152_T1_1mm for the published ones), so nothing is fetched at run time.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
-RUN python -c "from brainage_bids.utils.templates import get_template as g; print(g())" \
+RUN python -c "from templateflow.api import get; [get(t, resolution=1, suffix=s, desc=d) for t in ('MNI152NLin2009aSym', 'MNI152NLin6Asym') for s, d in (('T1w', None), ('mask', 'brain'))]; get('MNI152NLin6Asym', resolution=1, suffix='T1w', desc='brain')" \
+    && python -c "from brainage_bids.utils.templates import get_template as g; print(g('MNI152NLin2009aSym')); print(g('MNI152NLin6Asym'))" \
     && brainage-bids --version \
     && mkdir -p /home/brainage/.cache \
     && chmod -R a+rwX /home/brainage \

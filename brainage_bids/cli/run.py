@@ -205,6 +205,25 @@ def _loads(resolve, value) -> bool:
         return False
 
 
+def required_templates(models: list) -> dict:
+    """Every template the run needs (the registration target MNI152NLin2009aSym, and
+    MNI152NLin6Asym for published models) by name; a missing one is exit 66 naming it and the
+    command that fetches it, before any work."""
+    from ..utils.templates import TEMPLATE, TemplateMissing, get_template, template_for
+    from ..workflows.predict import input_spec
+
+    names = [TEMPLATE]
+    for request in models:
+        for member in request.members:
+            name = template_for(input_spec(member[1]))
+            if name not in names:
+                names.append(name)
+    try:
+        return {name: get_template(name) for name in names}
+    except TemplateMissing as exc:
+        raise UsageError(str(exc), EXIT_NO_INPUT) from exc
+
+
 def crash_messages(log_dir: str) -> list[str]:
     """The last error line of every crash file in a participant's log folder."""
     messages = []
@@ -251,7 +270,7 @@ def run_reports_only(opts) -> int:
 
 def run_participant(opts) -> int:
     from ..utils.bids import collect_scans, load_filters, write_derivative_description
-    from ..utils.templates import get_template
+    from ..utils.templates import TEMPLATE
     from ..workflows.outputs import derivative_paths
     from ..workflows.participant import crash_dir, init_brainage_wf, models_for
     from ..interfaces.skullstrip import resolve_method
@@ -264,6 +283,7 @@ def run_participant(opts) -> int:
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation,
                           modalities=opts.modalities)
     models = [] if opts.preproc_only else resolve_models(opts)
+    template = required_templates(models)[TEMPLATE]
     lesion_masks = None
     if opts.lesion_masks:
         from ..utils.lesions import match_lesion_masks
@@ -280,7 +300,6 @@ def run_participant(opts) -> int:
         if scan.age is None and models:
             LOG.warning("%s: no age (%s); it is predicted and its brain_age_gap is n/a",
                         scan.relpath, scan.age_note or "none in sessions.tsv or participants.tsv")
-    template = get_template()
     skull_strip = resolve_method(opts.skull_strip, opts.device)
     saliency = bool(models) and (opts.saliency if opts.saliency is not None
                                  else _device_is_cuda(opts.device))

@@ -1,14 +1,22 @@
-"""The MNI152NLin2009aSym 1 mm brain template, found offline.
+"""Templates through the TemplateFlow client, read offline from ``$TEMPLATEFLOW_HOME``.
 
-Lookup order: ``$TEMPLATEFLOW_HOME`` (default ``~/.cache/templateflow``) holding
-``tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym_res-01_desc-brain_T1w.nii.gz`` (``res-1`` is accepted
-too), else nilearn's bundled copy of the same template, written once into that cache in TemplateFlow
-layout so later runs and containers find it. Nothing is downloaded.
+- ``MNI152NLin2009aSym`` (res-1) for our own models. When TemplateFlow does not hold it, nilearn's
+  bundled copy of the same template stands in, written into a cache of our own
+  (``$XDG_CACHE_HOME/brainage-bids/templates``), never into ``$TEMPLATEFLOW_HOME``.
+- ``MNI152NLin6Asym`` (res-1, FSL's ``MNI152_T1_1mm``) for every published model; no stand-in.
+
+TemplateFlow's real layout has the whole head (``_T1w``) and ``desc-brain_mask`` for
+MNI152NLin2009aSym but no brain image: the brain is then the head masked, written into our
+cache. Files of size 0 are TemplateFlow's not-yet-fetched stubs and count as missing, so nothing
+is downloaded; a missing template raises :class:`TemplateMissing` with the command that fetches
+it on a connected machine.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import nibabel as nib
@@ -17,7 +25,12 @@ from scipy import ndimage
 
 from .images import atomic_write_bytes
 
-TEMPLATE = "MNI152NLin2009aSym"
+TEMPLATE = "MNI152NLin2009aSym"     # our models
+FSL_TEMPLATE = "MNI152NLin6Asym"    # FSL MNI152_T1_1mm: the published models
+
+
+class TemplateMissing(FileNotFoundError):
+    """A template is not in the TemplateFlow cache; the message says how to fetch it."""
 
 
 @dataclass(frozen=True)
@@ -25,46 +38,113 @@ class TemplateFiles:
     brain: Path
     mask: Path
     source: str
+    head: Path | None = None
+    name: str = TEMPLATE
 
 
 def templateflow_home() -> Path:
     return Path(os.environ.get("TEMPLATEFLOW_HOME", Path.home() / ".cache" / "templateflow"))
 
 
-def _cached(home: Path) -> TemplateFiles | None:
-    folder = home / f"tpl-{TEMPLATE}"
-    for res in ("01", "1"):
-        brain = folder / f"tpl-{TEMPLATE}_res-{res}_desc-brain_T1w.nii.gz"
-        mask = folder / f"tpl-{TEMPLATE}_res-{res}_desc-brain_mask.nii.gz"
-        if brain.exists() and mask.exists():
-            return TemplateFiles(brain, mask, f"TemplateFlow cache {folder}")
-        whole = folder / f"tpl-{TEMPLATE}_res-{res}_T1w.nii.gz"
-        if whole.exists() and mask.exists():
-            return TemplateFiles(whole, mask, f"TemplateFlow cache {folder} (masked at use)")
-    return None
+def own_cache() -> Path:
+    """Our template cache (derived brains, the nilearn stand-in); not TemplateFlow's."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "brainage-bids" / "templates"
 
 
-def _nilearn_copy(home: Path) -> TemplateFiles:
+def fetch_command(name: str, home: Path | None = None) -> str:
+    """The one command that fetches a template's res-1 head, brain and mask into the cache."""
+    home = home or templateflow_home()
+    return (f"TEMPLATEFLOW_HOME={home} python -c \"from templateflow.api import get; "
+            f"[get('{name}', resolution=1, suffix=s, desc=d) for s, d in "
+            f"(('T1w', None), ('T1w', 'brain'), ('mask', 'brain'))]\"")
+
+
+@lru_cache(maxsize=8)
+def _client(home: Path):
+    """A TemplateFlow client on ``home``; imported with ``$TEMPLATEFLOW_HOME`` pointing at that
+    non-empty folder so the package's import-time set-up writes nothing anywhere."""
+    old = os.environ.get("TEMPLATEFLOW_HOME")
+    os.environ["TEMPLATEFLOW_HOME"] = str(home)
+    try:
+        from templateflow import TemplateFlowClient
+    finally:
+        if old is None:
+            os.environ.pop("TEMPLATEFLOW_HOME", None)
+        else:
+            os.environ["TEMPLATEFLOW_HOME"] = old
+    return TemplateFlowClient(root=home, autoupdate=False)
+
+
+def _get(client, name: str, **query) -> Path | None:
+    """One fetched (non-empty) file of ``name`` at res-1, through the client's ``get``; None when
+    the cache lacks it or holds only TemplateFlow's empty stub (``get`` would go online)."""
+    listed = [p for p in client.ls(name, resolution=1, extension=".nii.gz", **query)]
+    if len(listed) != 1 or not listed[0].is_file() or listed[0].stat().st_size == 0:
+        return None
+    return Path(client.get(name, resolution=1, extension=".nii.gz", **query))
+
+
+def _from_templateflow(name: str, home: Path) -> TemplateFiles | None:
+    if not home.is_dir() or not (home / f"tpl-{name}").is_dir():
+        return None
+    client = _client(home)
+    head = _get(client, name, suffix="T1w", desc=None)
+    brain = _get(client, name, suffix="T1w", desc="brain")
+    mask = _get(client, name, suffix="mask", desc="brain")
+    if mask is None or (brain is None and head is None):
+        return None
+    source = f"TemplateFlow {home}"
+    if brain is None:
+        brain = _masked_head(name, head, mask)
+        source += " (brain = head x desc-brain_mask)"
+    return TemplateFiles(brain=brain, mask=mask, source=source, head=head, name=name)
+
+
+def _masked_head(name: str, head: Path, mask: Path) -> Path:
+    """The whole-head template masked by its brain mask, cached in our own folder."""
+    key = hashlib.sha256()
+    for p in (head, mask):
+        st = p.stat()
+        key.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    fname = f"{name}_res-1_brain-from-templateflow-{key.hexdigest()[:12]}.nii.gz"
+    import tempfile
+
+    for folder in (own_cache(), Path(tempfile.gettempdir()) / "brainage-bids-templates"):
+        out = folder / fname
+        if out.exists():
+            return out
+        img = nib.load(str(head))
+        inside = np.asarray(nib.load(str(mask)).dataobj) > 0
+        data = np.where(inside, np.asarray(img.dataobj, dtype=np.float32), 0).astype(np.float32)
+        try:
+            atomic_write_bytes(out, _gz(nib.Nifti1Image(data, img.affine)))
+            return out
+        except PermissionError:  # read-only home (containers): a per-user temporary cache
+            continue
+    raise PermissionError(f"cannot write the masked {name} template into {own_cache()} nor "
+                          f"{tempfile.gettempdir()}")
+
+
+def _nilearn_copy(folder: Path) -> TemplateFiles:
     import nilearn
 
-    src = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    src = (Path(nilearn.__file__).parent / "datasets" / "data"
+           / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
     if not src.exists():
-        raise FileNotFoundError(
-            f"template {TEMPLATE} not found: put tpl-{TEMPLATE}_res-01_desc-brain_T1w.nii.gz and "
-            f"_res-01_desc-brain_mask.nii.gz under {home}/tpl-{TEMPLATE}/ (TEMPLATEFLOW_HOME), "
-            "or install nilearn, which bundles it"
-        )
-    img = nib.load(str(src))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    mask = ndimage.binary_fill_holes(data > 0)
-    brain_img = nib.Nifti1Image(data, img.affine)
-    mask_img = nib.Nifti1Image(mask.astype(np.uint8), img.affine)
-    folder = home / f"tpl-{TEMPLATE}"
-    brain = folder / f"tpl-{TEMPLATE}_res-01_desc-brain_T1w.nii.gz"
-    mask_path = folder / f"tpl-{TEMPLATE}_res-01_desc-brain_mask.nii.gz"
-    atomic_write_bytes(brain, _gz(brain_img))
-    atomic_write_bytes(mask_path, _gz(mask_img))
-    return TemplateFiles(brain, mask_path, f"nilearn {nilearn.__version__} bundled copy, cached in {folder}")
+        raise TemplateMissing(f"template {TEMPLATE} not found in TemplateFlow "
+                              f"({templateflow_home()}) and nilearn has no bundled copy; fetch it "
+                              f"with: {fetch_command(TEMPLATE)}")
+    brain = folder / f"nilearn-{nilearn.__version__}_{TEMPLATE}_brain.nii.gz"
+    mask_path = folder / f"nilearn-{nilearn.__version__}_{TEMPLATE}_mask.nii.gz"
+    if not (brain.exists() and mask_path.exists()):
+        img = nib.load(str(src))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        mask = ndimage.binary_fill_holes(data > 0)
+        atomic_write_bytes(brain, _gz(nib.Nifti1Image(data, img.affine)))
+        atomic_write_bytes(mask_path, _gz(nib.Nifti1Image(mask.astype(np.uint8), img.affine)))
+    return TemplateFiles(brain, mask_path, f"nilearn {nilearn.__version__} bundled copy "
+                                           f"(cached in {folder})")
 
 
 def _gz(img: nib.Nifti1Image) -> bytes:
@@ -73,16 +153,30 @@ def _gz(img: nib.Nifti1Image) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=6)
 
 
-def get_template(home: str | os.PathLike | None = None) -> TemplateFiles:
-    """Paths of the 1 mm brain template and its mask; see the module docstring for the lookup."""
+def get_template(name: str = TEMPLATE, home: str | os.PathLike | None = None) -> TemplateFiles:
+    """The res-1 brain, brain mask (and whole head when TemplateFlow has it) of ``name``; see the
+    module docstring. :class:`TemplateMissing` names the template and the fetch command."""
     home = Path(home) if home is not None else templateflow_home()
-    found = _cached(home)
+    found = _from_templateflow(name, home)
     if found is not None:
         return found
+    if name != TEMPLATE:
+        raise TemplateMissing(
+            f"template {name} (res-1) is not in the TemplateFlow cache {home} (set "
+            f"TEMPLATEFLOW_HOME to the folder that holds it); fetch it on a connected machine "
+            f"with: {fetch_command(name, home)}")
     try:
-        return _nilearn_copy(home)
+        return _nilearn_copy(own_cache())
     except PermissionError:
-        # Read-only cache (e.g. a container): fall back to a per-user temporary cache.
+        # Read-only home (e.g. a container): fall back to a per-user temporary cache.
         import tempfile
 
-        return _nilearn_copy(Path(tempfile.gettempdir()) / "brainage-bids-templateflow")
+        return _nilearn_copy(Path(tempfile.gettempdir()) / "brainage-bids-templates")
+
+
+def template_for(spec) -> str:
+    """The template a model with input ``spec`` was trained on: FSL's for the published models
+    (whose input grid is the FSL MNI152 1 mm grid), MNI152NLin2009aSym for ours."""
+    from ..models.direct import needs_exact_grid
+
+    return FSL_TEMPLATE if needs_exact_grid(spec) else TEMPLATE

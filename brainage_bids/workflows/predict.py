@@ -65,11 +65,16 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
 
 
 @lru_cache(maxsize=None)
-def input_image(path: str) -> str:
-    """``brain`` or ``head``: what the checkpoint at ``path`` reads."""
+def input_spec(path: str):
+    """The :class:`~brainage_bids.models.checkpoint.InputSpec` of the checkpoint at ``path``."""
     from ..models.checkpoint import load_model
 
-    return load_model(path).input.image
+    return load_model(path).input
+
+
+def input_image(path: str) -> str:
+    """``brain`` or ``head``: what the checkpoint at ``path`` reads."""
+    return input_spec(path).image
 
 
 def needs_head(models: list) -> bool:
