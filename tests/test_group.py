@@ -517,3 +517,36 @@ def test_group_ages_parsed_and_sessions_not_given_participant_age(tmp_path, capl
     assert merged["age"].iloc[1] == 40.0
     assert np.isnan(merged["age"].iloc[2])  # ses-2 has no age: not the participants.tsv 40
     assert merged["age"].iloc[3] == 45.0
+
+
+def test_bad_participant_tables_are_named_and_left_out(tmp_path, caplog):
+    """A truncated table, a binary-garbage one and one without contract columns are named in a
+    warning and left out; the group table has no junk row. With no valid table: exit 65."""
+    bids, out, _ = make_cohort(tmp_path, n=(12, 4, 4))
+    anat = out / "sub-hc000" / "anat"
+    truncated = anat / "sub-hc000_desc-brainage_T1w.tsv"
+    text = truncated.read_text()
+    truncated.write_text(text[: text.index("\n", text.index("\n") + 1) + 20])  # cut in row 2
+    garbage = out / "sub-hc001" / "anat" / "sub-hc001_desc-brainage_T1w.tsv"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    nocols = out / "sub-hc002" / "anat" / "sub-hc002_desc-brainage_T1w.tsv"
+    nocols.write_text("participant_id\tpredicted_age\nsub-hc002\t50\n")
+    with caplog.at_level(logging.WARNING):
+        assert main([str(bids), str(out), "group", "-w", str(tmp_path / "w")]) == 0
+    for f in (truncated, garbage, nocols):
+        assert f"{f} " in caplog.text and "left out of the group level" in caplog.text
+    table = _read(out / "group" / "brainage.tsv")
+    assert table["model"].notna().all() and table["suffix"].notna().all()
+    assert set(table["model"]) == {"m1", "ensemble"}
+    left = table[table["suffix"] == "T1w"]["participant_id"]
+    assert not {"sub-hc000", "sub-hc001", "sub-hc002"} & set(left)
+    bias = json.loads((out / "group" / "bias_correction.json").read_text())
+    assert {f["model"] for f in bias["fits"]} == {"m1", "ensemble"}
+    # nothing valid: exit 65 naming the file
+    only = tmp_path / "only"
+    (only / "sub-x" / "anat").mkdir(parents=True)
+    (only / "sub-x" / "anat" / "sub-x_desc-brainage_T1w.tsv").write_bytes(b"\x00\xff" * 500)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main([str(bids), str(only), "group", "-w", str(tmp_path / "w2")]) == 65
+    assert "sub-x_desc-brainage_T1w.tsv" in caplog.text
