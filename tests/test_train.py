@@ -16,18 +16,32 @@ from brainage_bids.utils.templates import TEMPLATE, get_template
 N_HC = 14
 
 
+def age_sphere(shape, affine, age: float) -> np.ndarray:
+    """A ball (like the ventricles, centred at MNI 0, -10, 15 mm) whose radius grows with age,
+    6 mm at 20 to 32 mm at 72 years: a signal that survives division by the brain mean."""
+    ijk = np.indices(shape).reshape(3, -1)
+    xyz = (affine[:3, :3] @ ijk + affine[:3, 3:4]).T
+    dist = np.linalg.norm(xyz - np.array([0.0, -10.0, 15.0]), axis=1).reshape(shape)
+    return dist <= 6.0 + 0.5 * (age - 20.0)
+
+
 @pytest.fixture(scope="module")
 def trained_inputs(tmp_path_factory):
-    """A BIDS dataset of 14 HC and 2 MS participants plus their MNI-space outputs.
+    """A BIDS dataset of 14 HC and 2 MS participants plus their MNI-space outputs (2 mm).
 
-    The images are the template with a brightness that grows with age, so a network can learn it.
+    Each image is the template with a dark ball whose size grows with age (:func:`age_sphere`)
+    and a random overall brightness, so only the anatomy tells the age.
     """
     root = tmp_path_factory.mktemp("train")
     bids, out = root / "bids", root / "out"
     tpl = get_template()
     brain = nib.load(str(tpl.brain))
     mask = nib.load(str(tpl.mask))
-    data = brain.get_fdata(dtype=np.float32)
+    affine = brain.affine.copy()
+    affine[:3, :3] *= 2  # every other voxel: the template at 2 mm
+    data = brain.get_fdata(dtype=np.float32)[::2, ::2, ::2]
+    inside = mask.get_fdata()[::2, ::2, ::2] > 0
+    mask2 = nib.Nifti1Image(inside.astype(np.uint8), affine)
     rows = ["participant_id\tage\tsex\tdiagnosis"]
     rng = np.random.default_rng(1)
     (bids).mkdir()
@@ -44,14 +58,16 @@ def trained_inputs(tmp_path_factory):
         nib.save(raw, anat / f"sub-{sub}_FLAIR.nii.gz")
         dst = out / f"sub-{sub}" / "anat"
         dst.mkdir(parents=True)
-        img = data * (1 + age / 50.0) + rng.normal(0, 1, data.shape).astype(np.float32)
-        nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, img, 0).astype(np.float32), brain.affine),
+        ball = age_sphere(data.shape, affine, age)
+        gain = rng.uniform(0.5, 2.0)
+        img = np.where(ball, 0.2 * data, data) * gain + rng.normal(0, 1, data.shape)
+        nib.save(nib.Nifti1Image(np.where(inside, img, 0).astype(np.float32), affine),
                  dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_T1w.nii.gz")
-        flair = (data.max() - data) * (1 + age / 50.0) + rng.normal(0, 1, data.shape)
-        nib.save(nib.Nifti1Image(np.where(mask.get_fdata() > 0, flair, 0).astype(np.float32),
-                                 brain.affine), dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz")
-        nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-brain_mask.nii.gz")
-        nib.save(mask, dst / f"sub-{sub}_space-{TEMPLATE}_desc-flairbrain_mask.nii.gz")
+        flair = (data.max() - np.where(ball, 0.2 * data, data)) * gain + rng.normal(0, 1, data.shape)
+        nib.save(nib.Nifti1Image(np.where(inside, flair, 0).astype(np.float32), affine),
+                 dst / f"sub-{sub}_space-{TEMPLATE}_desc-preproc_FLAIR.nii.gz")
+        nib.save(mask2, dst / f"sub-{sub}_space-{TEMPLATE}_desc-brain_mask.nii.gz")
+        nib.save(mask2, dst / f"sub-{sub}_space-{TEMPLATE}_desc-flairbrain_mask.nii.gz")
     (bids / "participants.tsv").write_text("\n".join(rows) + "\n")
     return bids, out, root / "work"
 
@@ -237,3 +253,56 @@ def test_train_irv2_one_epoch(trained_inputs):
     assert card["parameters"] == 49_429_747
     assert np.isfinite(card["test"]["mae"])
     assert "Inception-ResNet-V2" in (folder / "irv_card.md").read_text()
+
+
+def test_train_learns_an_age_signal_that_survives_normalisation(trained_inputs):
+    """A 3-fold CV ensemble on the synthetic cohort: the out-of-fold predictions must follow the
+    ball's size far better than the mean training age does, so a trainer that learns nothing fails."""
+    import pandas as pd
+
+    bids, out, work = trained_inputs
+    rc = main([str(bids), str(out), "train", "--model-name", "learn", "--ensemble-size", "3",
+               "--epochs", "60", "--augment", "none", "--learning-rate", "1e-2", "--dropout", "0",
+               "--channels", "4", "8", "8", "16", "16", "8", "--voxel-size", "4",
+               "--batch-size", "4", "--nprocs", "1", "--omp-nthreads", "1", "-w", str(work)])
+    assert rc == 0
+    folder = out / "models" / "learn"
+    card = json.loads((folder / "learn_card.json").read_text())
+    oof = pd.read_csv(folder / "oof_predictions.tsv", sep="\t")
+    assert len(oof) == N_HC and card["splits"]["test"] == 0  # cv: every control out-of-fold once
+    ages = dict(zip(oof["participant_id"], oof["chronological_age"]))
+    # what a network that learned nothing would score: each fold's mean training age
+    baseline = np.mean([abs(ages[p] - np.mean([ages[q] for q in m["train"]]))
+                        for m in card["split_participants"]["members"] for p in m["validation"]])
+    assert card["validation"]["mae"] < 0.5 * baseline
+    assert card["validation"]["pearson_r"] > 0.8
+    # the card's figures are those of its own out-of-fold predictions (and of the TSV)
+    preds = card["validation"]["predictions"]
+    again = metrics([p["chronological_age"] for p in preds], [p["predicted_age"] for p in preds])
+    for key in ("mae", "r2", "pearson_r", "mean_error", "slope"):
+        assert again[key] == pytest.approx(card["validation"][key], rel=1e-12)
+    tsv = metrics(oof["chronological_age"], oof["predicted_age"])
+    assert tsv["mae"] == pytest.approx(card["validation"]["mae"], abs=1e-3)
+    last = metrics([p["chronological_age"] for p in preds],
+                   [p["last_epoch_predicted_age"] for p in preds])
+    assert last["mae"] == pytest.approx(card["validation"]["last_epoch"]["mae"], rel=1e-12)
+    unc = card["validation"]["uncertainty"]
+    assert unc["mean_sd"] == pytest.approx(np.mean([p["predicted_age_sd"] for p in preds]))
+    assert -1 <= unc["spearman_sd_abs_error"] <= 1
+
+
+def test_kfold_split_puts_every_participant_in_exactly_one_fold_across_ages():
+    from brainage_bids.models.train import kfold_split
+
+    ids = [f"p{i:03d}" for i in range(144)]
+    ages = list(np.random.default_rng(0).uniform(20, 86, 144))
+    folds = kfold_split(ids, ages, 5, seed=1)
+    assert sorted(p for f in folds for p in f) == ids
+    assert sorted(len(f) for f in folds) == [28, 29, 29, 29, 29]
+    assert folds == kfold_split(ids, ages, 5, seed=1)
+    by_id = dict(zip(ids, ages))
+    means = [np.mean([by_id[p] for p in f]) for f in folds]
+    assert max(means) - min(means) < 3.0  # stratified: every fold spans the ages
+    for f in folds:
+        fa = [by_id[p] for p in f]
+        assert min(fa) < 30 and max(fa) > 75

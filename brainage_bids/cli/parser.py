@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="training augmentation families: all (default), none, legacy (shifts "
                          "and flips only, the recipe before 0.2), or any of affine gamma bias "
                          "noise blur slices histogram")
+    tr.add_argument("--dropout", type=float, default=None,
+                    help="dropout before the output layer while training (default: 0.5 for "
+                         "SFCN, as published, 0.2 for IRV2)")
     tr.add_argument("--augment-probability", type=float, default=0.5, metavar="P",
                     help="probability of each augmentation family per training image")
     return p

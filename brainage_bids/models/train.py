@@ -22,6 +22,7 @@ from scipy import stats
 from .. import __version__
 from ..utils.bids import Scan, collect_scans, load_filters, read_participants
 from ..utils.images import atomic_write_text
+from .augment import augment_batch
 from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint
 from .inference import model_input, resolve_device
 from .sfcn import bin_centres, soft_label_loss
@@ -67,15 +68,29 @@ def stratified_split(ids: list[str], ages: list[float], fraction: float, seed: i
 
 
 def metrics(y_true, y_pred) -> dict:
-    """MAE, R2 (1 - SSres/SStot) and Pearson r of predictions against ages, in years."""
+    """MAE, R2 (1 - SSres/SStot), Pearson r, mean error and the slope of predicted on true age."""
     y_true = np.asarray(y_true, float)
     y_pred = np.asarray(y_pred, float)
     err = y_pred - y_true
     ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
     r = float(stats.pearsonr(y_true, y_pred)[0]) if len(y_true) > 2 else float("nan")
+    slope = (float(np.polyfit(y_true, y_pred, 1)[0]) if len(y_true) > 1 and ss_tot > 0
+             else float("nan"))
     return {"n": int(len(y_true)), "mae": float(np.abs(err).mean()),
             "r2": 1.0 - float((err ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
-            "pearson_r": r, "mean_error": float(err.mean())}
+            "pearson_r": r, "mean_error": float(err.mean()), "slope": slope}
+
+
+def uncertainty_figures(y_true, y_pred, sds) -> dict | None:
+    """Whether the predicted SD tracks the error: mean SD, MAE and Spearman rho of SD with |error|."""
+    sds = np.asarray(sds, float)
+    if not len(sds) or not np.isfinite(sds).all():
+        return None
+    err = np.abs(np.asarray(y_pred, float) - np.asarray(y_true, float))
+    rho = stats.spearmanr(sds, err) if len(sds) > 2 else None
+    return {"mean_sd": float(sds.mean()), "mae": float(err.mean()),
+            "spearman_sd_abs_error": float(rho.statistic) if rho is not None else float("nan"),
+            "spearman_p": float(rho.pvalue) if rho is not None else float("nan")}
 
 
 def augment(x: torch.Tensor, rng: np.random.Generator, max_shift: int = 2, flip_axis: int = 2):
@@ -155,8 +170,10 @@ def recompute_batchnorm(net, x: np.ndarray, device: str, batch: int = 8) -> None
         m.reset_running_stats()
         m.momentum = None  # cumulative average
     net.train()
-    for i in range(0, len(x), batch):
-        net(torch.from_numpy(x[i:i + batch]).to(device))
+    # near-equal chunks: a last chunk of one image has a single value per channel at the 1x1x1
+    # output of small grids, which BatchNorm refuses in training mode
+    for chunk in np.array_split(np.arange(len(x)), max(1, math.ceil(len(x) / batch))):
+        net(torch.from_numpy(x[chunk]).to(device))
     for m, mom in zip(bns, saved):
         m.momentum = mom
     net.eval()
@@ -165,9 +182,9 @@ def recompute_batchnorm(net, x: np.ndarray, device: str, batch: int = 8) -> None
 def _card_markdown(card: dict) -> str:
     def fmt(m):
         if not m.get("n"):
-            return "| 0 | n/a | n/a | n/a | n/a |"
+            return "| 0 | n/a | n/a | n/a | n/a | n/a |"
         return (f"| {m['n']} | {m['mae']:.2f} | {m['r2']:.3f} | {m['pearson_r']:.3f} | "
-                f"{m['mean_error']:+.2f} |")
+                f"{m['mean_error']:+.2f} | {m.get('slope', float('nan')):.2f} |")
 
     if card["arch"] == "sfcn":
         model = (f"SFCN (Peng et al. 2021) with a soft-label output over {card['age_bins'][0]:g}-"
@@ -207,16 +224,29 @@ def _card_markdown(card: dict) -> str:
         "the brain mask.",
         size, "",
         "## Performance (uncorrected for age bias)", "",
-        "| split | n | MAE (y) | R2 | Pearson r | mean error (y) |", "|---|---|---|---|---|---|",
+        "| split | n | MAE (y) | R2 | Pearson r | mean error (y) | slope |",
+        "|---|---|---|---|---|---|---|",
         f"| {val_label} " + fmt(card["validation"]),
+        *([f"| {'out-of-fold' if ens['mode'] == 'cv' else 'validation'}, last epoch (no epoch "
+           "selection on these scans) " + fmt(card["validation"]["last_epoch"])]
+          if card["validation"].get("last_epoch") else []),
         "| test (held out, never used for selection) " + fmt(card["test"]), "",
-        *([ "| member | validation MAE | test MAE |", "|---|---|---|",
-            *[f"| {m['name']} | {m['validation']['mae']:.2f} | {m['test']['mae']:.2f} |"
-              for m in card["members"]], ""] if ens["size"] > 1 else []),
+        *[line for u in [card["validation"].get("uncertainty")] if u for line in (
+            f"Uncertainty ({'out-of-fold' if ens['mode'] == 'cv' else 'validation'}): mean "
+            f"predicted SD {u['mean_sd']:.2f} years against an MAE of {u['mae']:.2f}; Spearman "
+            f"rho of SD with |error| {u['spearman_sd_abs_error']:.2f} (p = {u['spearman_p']:.2g}). "
+            "QC flags `predicted_age_sd_high` above 1.5 x the mean SD.", "")],
+        *([ "| member | best epoch | validation MAE | last-epoch MAE | test MAE |",
+            "|---|---|---|---|---|",
+            *[f"| {m['name']} | {m['best_epoch']} | {m['validation']['mae']:.2f} | "
+              f"{m.get('validation_last_epoch', {}).get('mae', float('nan')):.2f} | "
+              f"{m['test']['mae']:.2f} |" for m in card["members"]], ""]
+          if ens["size"] > 1 else []),
         "## Training", f"- {card['epochs']} epochs per member (best validation epoch kept), "
         f"batch {card['batch_size']}, AdamW lr {card['learning_rate']:g} (cosine), weight decay "
-        f"{card['weight_decay']:g}, augmentation: random shifts of up to 2 voxels and left-right flips; "
-        "BatchNorm statistics recomputed over the training scans after every epoch.",
+        f"{card['weight_decay']:g}, augmentation: {_augmentation_text(card.get('augmentation'))}; "
+        "BatchNorm statistics recomputed over the training scans before each evaluation; the epoch "
+        "is selected among the second half of training.",
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
         "## Limits",
@@ -232,6 +262,16 @@ def _card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _augmentation_text(aug: dict | None) -> str:
+    families = (aug or {}).get("families", ["legacy"])
+    if families == ["legacy"]:
+        return "random shifts of up to 2 voxels and left-right flips"
+    if not families:
+        return "none"
+    return (f"{', '.join(families)} (each with probability {aug['probability']:g} per image; see "
+            "`brainage_bids/models/augment.py`), then division by the brain mean")
+
+
 def kfold_split(ids: list[str], ages: list[float], k: int, seed: int) -> list[list[str]]:
     """``k`` folds of participants, stratified by age (runs of k similar ages dealt at random)."""
     rng = np.random.default_rng(seed)
@@ -244,16 +284,17 @@ def kfold_split(ids: list[str], ages: list[float], k: int, seed: int) -> list[li
     return [sorted(f) for f in folds]
 
 
-def build_trainable(arch: str, config: dict, mean_age: float):
-    """A network to train; IRV2's final bias starts at the mean training age."""
+def build_trainable(arch: str, config: dict, mean_age: float, dropout: float | None = None):
+    """A network to train; IRV2's final bias starts at the mean training age. ``dropout`` before
+    the output (default 0.2 for IRV2, 0.5 for SFCN as published)."""
     from .checkpoint import build_network
 
     if arch == "irv2":
-        net = build_network("irv2", config, dropout=0.2)
+        net = build_network("irv2", config, dropout=0.2 if dropout is None else dropout)
         with torch.no_grad():
             net.linear[1].bias.fill_(float(mean_age))
         return net
-    return build_sfcn(config)
+    return build_sfcn(config, 0.5 if dropout is None else dropout)
 
 
 def loss_fn(arch: str, out: torch.Tensor, ages: torch.Tensor, centres) -> torch.Tensor:
@@ -272,17 +313,37 @@ def predict_net(arch: str, net, x: np.ndarray, centres, device: str, batch: int 
     return age, sd
 
 
+def augment_train_batch(x: torch.Tensor, rng: np.random.Generator, families, probability: float,
+                        voxel_mm: float) -> torch.Tensor:
+    """The training batch as augmented by ``--augment`` (``("legacy",)``: shifts and flips)."""
+    if tuple(families) == ("legacy",):
+        return augment(x, rng)
+    if not families:
+        return x
+    return augment_batch(x, rng, families, probability=probability, voxel_mm=voxel_mm)
+
+
+def first_selection_epoch(epochs: int) -> int:
+    """0-based first epoch whose weights may be selected: the second half of training. Earlier
+    epochs are neither evaluated nor selectable (BatchNorm recomputation and validation cost
+    about a third of an epoch)."""
+    return epochs // 2
+
+
 def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts, seed: int,
                run_dir: Path, device: str, centres, label: str):
-    """Train one network, keep the epoch with the lowest validation MAE; resumable.
+    """Train one network, keep the epoch of the second half with the lowest validation MAE;
+    resumable.
 
-    Returns (network with the best weights, best epoch (1-based), history).
+    Returns (network with the best weights, best epoch (1-based), history, validation predictions
+    of the last epoch (ages, SDs): the figures of a member whose epoch was not selected on them).
     """
     from tqdm import tqdm
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = build_trainable(arch, config, float(np.mean(y_train))).to(device)
+    dropout = getattr(opts, "dropout", None)
+    net = build_trainable(arch, config, float(np.mean(y_train)), dropout).to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate,
                                   weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=opts.epochs)
@@ -292,10 +353,18 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "batch_size": opts.batch_size, "lr": opts.learning_rate, "voxel": opts.voxel_size,
                  "weight_decay": opts.weight_decay, "n_train": len(y_train),
                  "train_ages": float(np.sum(y_train)), "val_ages": float(np.sum(y_val)),
-                 "recipe": "drop-last, batchnorm recomputed per epoch"}
+                 "dropout": dropout,
+                 "augment": list(getattr(opts, "augment", ("legacy",))),
+                 "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
+                 "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
+                           "from the second half"}
+    families = tuple(getattr(opts, "augment", ("legacy",)))
+    probability = float(getattr(opts, "augment_probability", 0.5))
+    first_eval = first_selection_epoch(opts.epochs)
     start_epoch, best, history = 0, {"mae": math.inf, "epoch": -1}, []
+    last_pred = (np.full(len(y_val), np.nan), np.full(len(y_val), np.nan))
     if state_file.exists():
-        st = torch.load(state_file, map_location=device, weights_only=False)
+        st = torch.load(state_file, map_location=device, weights_only=True)
         if st.get("signature") == signature:
             net.load_state_dict(st["model"])
             optimiser.load_state_dict(st["optimiser"])
@@ -303,10 +372,13 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
             rng.bit_generator.state = st["rng"]
             torch.set_rng_state(st["torch_rng"])
             start_epoch, best, history = st["epoch"] + 1, st["best"], st["history"]
+            last_pred = (np.asarray(st["last_pred"][0]), np.asarray(st["last_pred"][1]))
             LOG.warning("resuming %s from epoch %d", label, start_epoch)
         else:
             LOG.warning("%s holds a run with other settings; starting afresh", state_file)
     n_train = len(x_train)
+    if device == "cpu":  # 3D convolutions train several times faster in this layout on CPU
+        net = net.to(memory_format=torch.channels_last_3d)
     for epoch in range(start_epoch, opts.epochs):
         net.train()
         order = rng.permutation(n_train)
@@ -317,7 +389,10 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
             idx = order[i:i + opts.batch_size]
             if len(idx) < min(opts.batch_size, n_train):  # drop the incomplete last batch
                 continue
-            xb = augment(torch.from_numpy(x_train[idx]), rng).to(device)
+            xb = augment_train_batch(torch.from_numpy(x_train[idx]), rng, families, probability,
+                                     opts.voxel_size).to(device)
+            if device == "cpu":
+                xb = xb.contiguous(memory_format=torch.channels_last_3d)
             yb = torch.from_numpy(y_train[idx]).to(device)
             loss = loss_fn(arch, net(xb), yb, centres)
             optimiser.zero_grad(set_to_none=True)
@@ -326,24 +401,33 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses):.3f}")
         scheduler.step()
-        recompute_batchnorm(net, x_train, device)
-        pred, _ = predict_net(arch, net, x_val, centres, device)
-        val = metrics(y_val, pred)
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
-                        "val_mae": val["mae"]})
-        if val["mae"] < best["mae"]:
-            best = {"mae": val["mae"], "epoch": epoch}
-            torch.save(net.state_dict(), best_file)
-        LOG.warning("%s epoch %d/%d loss %.3f validation MAE %.2f (best %.2f at %d)", label,
-                    epoch + 1, opts.epochs, history[-1]["loss"], val["mae"], best["mae"],
-                    best["epoch"] + 1)
+        entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
+                 "val_mae": None}
+        if epoch >= first_eval:
+            recompute_batchnorm(net, x_train, device)
+            pred, sd = predict_net(arch, net, x_val, centres, device)
+            entry["val_mae"] = metrics(y_val, pred)["mae"]
+            if epoch == opts.epochs - 1:
+                last_pred = (np.asarray(pred, float), np.asarray(sd, float))
+            if entry["val_mae"] < best["mae"]:
+                best = {"mae": entry["val_mae"], "epoch": epoch}
+                torch.save(net.state_dict(), best_file)
+            LOG.warning("%s epoch %d/%d loss %.3f validation MAE %.2f (best %.2f at %d)", label,
+                        epoch + 1, opts.epochs, entry["loss"], entry["val_mae"], best["mae"],
+                        best["epoch"] + 1)
+        else:
+            LOG.warning("%s epoch %d/%d loss %.3f", label, epoch + 1, opts.epochs, entry["loss"])
+        history.append(entry)
         torch.save({"signature": signature, "model": net.state_dict(),
                     "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch, "best": best, "history": history}, str(state_file) + ".tmp")
+                    "epoch": epoch, "best": best, "history": history,
+                    "last_pred": [last_pred[0].tolist(), last_pred[1].tolist()]},
+                   str(state_file) + ".tmp")
         os.replace(str(state_file) + ".tmp", state_file)
     net.load_state_dict(torch.load(best_file, map_location=device, weights_only=True))
-    return net.eval(), best["epoch"] + 1, history
+    net = net.to(memory_format=torch.contiguous_format)
+    return net.eval(), best["epoch"] + 1, history, last_pred
 
 
 def _mean_sd(sds) -> float | None:
@@ -429,21 +513,23 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         label = opts.model_name if len(plan) == 1 else f"{opts.model_name}-m{k + 1}"
         tr = [index[id(e)] for e in rows(m["train"])]
         va = [index[id(e)] for e in rows(m["validation"])]
-        net, best_epoch, history = fit_member(
+        net, best_epoch, history, (last_pred, last_sd) = fit_member(
             arch, config, x_pool[tr], y_pool[tr], x_pool[va], y_pool[va], opts=opts, seed=m["seed"],
             run_dir=work_dir / f"train_{label}", device=device, centres=centres, label=label)
         val_pred, val_sd = predict_net(arch, net, x_pool[va], centres, device)
-        for j, p, sd in zip(va, val_pred, val_sd):
+        for j, p, sd, lp in zip(va, val_pred, val_sd, last_pred):
             e = pool[j]
             oof.append({"participant_id": e.participant_id, "session_id": e.session_id,
                         "suffix": modality, "model": label, "chronological_age": e.age,
-                        "predicted_age": round(float(p), 4),
-                        "predicted_age_sd": None if not np.isfinite(sd) else round(float(sd), 4),
-                        "fold": m["fold"] if m["fold"] is not None else "validation"})
+                        "predicted_age": float(p),
+                        "predicted_age_sd": float(sd) if np.isfinite(sd) else None,
+                        "fold": m["fold"] if m["fold"] is not None else "validation",
+                        "last_epoch_predicted_age": float(lp)})
         member = {"name": label, "seed": m["seed"], "fold": m["fold"], "best_epoch": best_epoch,
                   "history": history, "splits": {"train": len(m["train"]),
                                                  "validation": len(m["validation"])},
-                  "validation": dict(metrics(y_pool[va], val_pred), mean_sd=_mean_sd(val_sd))}
+                  "validation": dict(metrics(y_pool[va], val_pred), mean_sd=_mean_sd(val_sd)),
+                  "validation_last_epoch": metrics(y_pool[va], last_pred)}
         if x_test is not None:
             tp, tsd = predict_net(arch, net, x_test, centres, device)
             test_preds.append((tp, tsd))
@@ -453,8 +539,19 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         member["net"] = net.cpu()
         members.append(member)
 
-    results = {"validation": metrics([r["chronological_age"] for r in oof],
-                                     [r["predicted_age"] for r in oof]) if oof else _nan_metrics()}
+    oof_age = [r["chronological_age"] for r in oof]
+    results = {"validation": metrics(oof_age, [r["predicted_age"] for r in oof]) if oof
+               else _nan_metrics()}
+    if oof:
+        results["validation"]["uncertainty"] = uncertainty_figures(
+            oof_age, [r["predicted_age"] for r in oof],
+            [np.nan if r["predicted_age_sd"] is None else r["predicted_age_sd"] for r in oof])
+        results["validation"]["last_epoch"] = metrics(oof_age,
+                                                      [r["last_epoch_predicted_age"] for r in oof])
+        results["validation"]["predictions"] = [
+            {k: r[k] for k in ("participant_id", "session_id", "model", "fold", "chronological_age",
+                               "predicted_age", "predicted_age_sd", "last_epoch_predicted_age")}
+            for r in oof]
     if test_preds:
         from .inference import ensemble
 
@@ -463,8 +560,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         results["test"] = dict(metrics(y_test, [a for a, _ in ens]),
                                mean_sd=_mean_sd([sd for _, sd in ens]))
         results["test"]["predictions"] = [
-            {"participant_id": e.participant_id, "age": e.age, "predicted_age": round(a, 4),
-             "members": [round(float(tp[i]), 4) for tp, _ in test_preds]}
+            {"participant_id": e.participant_id, "age": e.age, "predicted_age": float(a),
+             "members": [float(tp[i]) for tp, _ in test_preds]}
             for i, (e, (a, _)) in enumerate(zip(test, ens))]
     else:
         results["test"] = _nan_metrics()
@@ -495,6 +592,9 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
                   "normalisation": "mean inside the brain mask"},
         "validation": results["validation"], "test": results["test"],
         "members": [{k: v for k, v in m.items() if k != "net"} for m in members],
+        "augmentation": {"families": list(getattr(opts, "augment", ("legacy",))),
+                         "probability": float(getattr(opts, "augment_probability", 0.5))},
+        "dropout": getattr(opts, "dropout", None),
         "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
         "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
         "weight_decay": opts.weight_decay, "seed": opts.seed, "device": device,
