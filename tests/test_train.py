@@ -306,3 +306,23 @@ def test_kfold_split_puts_every_participant_in_exactly_one_fold_across_ages():
     for f in folds:
         fa = [by_id[p] for p in f]
         assert min(fa) < 30 and max(fa) > 75
+
+
+def test_train_and_group_share_one_definition_of_a_control(tmp_path):
+    """train picks the controls the group level counts: the stats spec's labels in its diagnosis
+    column, compared stripped and case-insensitively."""
+    import pandas as pd
+
+    from brainage_bids.models.train import healthy_controls
+    from brainage_bids.stats.collect import is_control
+    from brainage_bids.stats.spec import validate_spec
+
+    participants = pd.DataFrame({"group": ["HC", " hc", "Control", "MS", None]},
+                                index=[f"sub-{i}" for i in range(5)])
+    assert healthy_controls(participants) is None  # no `diagnosis` column: everyone
+    spec = validate_spec({"columns": {"diagnosis": "group"}, "controls": ["control", "HC"]})
+    assert healthy_controls(participants, spec) == {"sub-0", "sub-1", "sub-2"}
+    assert list(is_control(participants["group"], spec["controls"])) == [True, True, True, False,
+                                                                        False]
+    default = healthy_controls(participants.rename(columns={"group": "diagnosis"}))
+    assert default == {"sub-0", "sub-1"}  # the default controls label is HC

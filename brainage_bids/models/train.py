@@ -28,7 +28,6 @@ from .inference import model_input, resolve_device
 from .sfcn import bin_centres, soft_label_loss
 
 LOG = logging.getLogger("brainage_bids.train")
-HEALTHY = {"hc", "healthy", "control", "healthy control", "healthy_control"}
 
 
 @dataclass
@@ -40,12 +39,18 @@ class Example:
     session_id: str | None = None
 
 
-def healthy_controls(participants: pd.DataFrame) -> set[str] | None:
-    """Participant ids with diagnosis HC; None when there is no diagnosis column (use everyone)."""
-    if "diagnosis" not in participants:
+def healthy_controls(participants: pd.DataFrame, spec: dict | None = None) -> set[str] | None:
+    """Participant ids that are healthy controls by the stats spec (its ``controls`` labels in its
+    ``columns.diagnosis`` column, as the group level counts them); None when there is no such
+    column (train on everyone)."""
+    from ..stats.collect import is_control
+    from ..stats.spec import DEFAULTS
+
+    spec = spec or DEFAULTS
+    column = spec["columns"]["diagnosis"]
+    if column not in participants:
         return None
-    diag = participants["diagnosis"].fillna("").astype(str).str.strip().str.lower()
-    return set(participants.index[diag.isin(HEALTHY)])
+    return set(participants.index[is_control(participants[column], spec["controls"])])
 
 
 def stratified_split(ids: list[str], ages: list[float], fraction: float, seed: int):
@@ -115,7 +120,7 @@ def find_examples(bids_dir: Path, output_dir: Path, opts) -> list[Example]:
                                       load_filters(opts.bids_filter_file),
                                       validate=not opts.skip_bids_validation,
                                       modalities=opts.modalities)
-    hc = healthy_controls(read_participants(bids_dir))
+    hc = healthy_controls(read_participants(bids_dir), _stats_spec(opts))
     examples, no_age, no_preproc = [], [], []
     for scan in scans:
         if hc is not None and scan.participant_id not in hc:
@@ -573,8 +578,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "3D Inception-ResNet-V2", "arch": arch, "modality": modality,
         "software_version": __version__,
         "training_data": {"dataset": _dataset_name(bids_dir), "bids_dir": str(bids_dir),
-                          "selection": "participants with diagnosis HC" if healthy_controls(
-                              read_participants(bids_dir)) is not None else "all participants"},
+                          "selection": _selection_text(bids_dir, opts)},
         "ensemble": {"size": len(plan), "mode": opts.ensemble_mode},
         "splits": ({"train_validation_pool": len(rest), "test": len(test_ids)}
                    if opts.ensemble_mode == "cv" else
@@ -631,6 +635,21 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
                 results["test"]["r2"], results["test"]["pearson_r"], results["test"]["n"],
                 card["weights"])
     return card
+
+
+def _stats_spec(opts) -> dict:
+    """The ``--stats-spec`` of the run (its ``controls`` define who is a healthy control)."""
+    from ..stats.spec import load_spec
+
+    return load_spec(getattr(opts, "stats_spec", None))
+
+
+def _selection_text(bids_dir: Path, opts) -> str:
+    spec = _stats_spec(opts)
+    if healthy_controls(read_participants(bids_dir), spec) is None:
+        return "all participants"
+    return (f"participants with {spec['columns']['diagnosis']} "
+            f"{' or '.join(map(str, spec['controls']))}")
 
 
 def _dataset_name(bids_dir: Path) -> str:

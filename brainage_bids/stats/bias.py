@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .collect import is_control as diagnosis_is_control
 from .collect import is_lesion_filled
 
 LOG = logging.getLogger("brainage_bids.stats.bias")
@@ -211,7 +212,7 @@ def choose_fit_rows(table: pd.DataFrame, is_control, *, output_dir: str | Path |
     """
     def clean(ext: pd.DataFrame) -> pd.DataFrame:
         if diagnosis_col in ext:
-            keep = ext[diagnosis_col].astype(str).isin([str(c) for c in controls])
+            keep = diagnosis_is_control(ext[diagnosis_col], controls)
             if (~keep).any():
                 LOG.info("bias fit: %d external row(s) that are not controls ignored",
                          int((~keep).sum()))

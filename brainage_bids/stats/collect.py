@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..interfaces.predict import CONTRACT_COLUMNS, EXTRA_COLUMNS
@@ -95,3 +96,12 @@ def read_brainage_tables(output_dir: str | Path) -> pd.DataFrame:
         if c not in df:
             df[c] = float("nan")
     return df
+
+
+def is_control(diagnosis, labels) -> np.ndarray:
+    """Which entries of a diagnosis column are healthy controls: equal to one of ``labels`` (the
+    spec's ``controls``) once both are stripped and lower-cased; missing values are not. The one
+    definition of a control, shared by the group and train levels."""
+    wanted = {str(label).strip().lower() for label in labels}
+    values = pd.Series(diagnosis, dtype="string").str.strip().str.lower()
+    return values.isin(wanted).fillna(False).to_numpy(dtype=bool)

@@ -52,6 +52,7 @@ from .bias import (
 )
 from .collect import is_lesion_filled, read_brainage_tables
 from .evaluate import compare_models, evaluate_controls, site_anova
+from .collect import is_control as diagnosis_is_control
 from .table import STATS_COLUMNS, stats_frame
 
 LOG = logging.getLogger("brainage_bids.stats.group")
@@ -302,8 +303,8 @@ class GroupRun:
         dx = cols["diagnosis"]
         if dx in merged:
             diag = merged[dx].astype("string")
-            is_control = diag.isin(self.controls).fillna(False).to_numpy(dtype=bool)
-            patients = set(merged.loc[diag.notna() & ~diag.isin(self.controls).fillna(False),
+            is_control = diagnosis_is_control(diag, self.controls)
+            patients = set(merged.loc[diag.notna().to_numpy(dtype=bool) & ~is_control,
                                       "participant_id"])
         else:
             LOG.warning("participants.tsv has no %r column: no healthy controls are known", dx)
@@ -522,7 +523,8 @@ class GroupRun:
             self.cov_names[ident] = cov
             a[ident] = _maybe_numeric(d[cov]).to_numpy() if cov in d else np.nan
         if self.has_diagnosis:
-            a["patient"] = a["diagnosis"].notna() & ~a["diagnosis"].isin(self.controls)
+            a["patient"] = (a["diagnosis"].notna().to_numpy(dtype=bool)
+                            & ~diagnosis_is_control(a["diagnosis"], self.controls))
         else:
             a["patient"] = True
         a.attrs["gap"] = gap_col
