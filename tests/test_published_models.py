@@ -114,3 +114,36 @@ def test_densenet_install_load_and_predict(cache, densenet_file, sfcn_file):
     with torch.no_grad():
         torch.testing.assert_close(model.network(x), ref.eval()(x))
     assert model.network(x).shape == (1, 1)
+
+
+def test_sidecar_carries_the_mae_of_every_row(cache, sfcn_file):
+    from brainage_bids.cli.run import DEFAULT_MODEL
+    from brainage_bids.interfaces.predict import brainage_sidecar
+    from brainage_bids.models.checkpoint import IRV2_FLAIR_INPUT, LoadedModel
+
+    zoo.install("ukb-sfcn", sfcn_file)
+    ukb = load_model(cache / "ukb-sfcn.pt")
+    ours = load_model(DEFAULT_MODEL)
+    meta = brainage_sidecar([ukb, ours])
+    assert meta["MAE"]["ukb-sfcn"] == {"Value": 2.14, "Units": "year", "Source": "publisher",
+                                       "TestSet": "UK Biobank test set (Peng et al. 2021)"}
+    card = json.loads((DEFAULT_MODEL.parent / "ixi-sfcn-2mm_card.json").read_text())
+    assert meta["MAE"]["ixi-sfcn-2mm"]["Value"] == pytest.approx(card["test"]["mae"], abs=1e-4)
+    assert meta["Models"][0]["MAE"]["Value"] == 2.14
+    assert meta["MAE"]["ensemble"] is None  # no published figure for this pair
+    # a bare file of unknown provenance (not run by a zoo name) gets no publisher MAE
+    assert "publisher_mae" not in load_card("flair-brain-age-densenet-t1w", named=False)
+    # the published FLAIR ensemble: each member's MAE and the ensemble's
+    members = [LoadedModel(name=n, arch="irv2", network=None, input=IRV2_FLAIR_INPUT,
+                           centres=None, sha256="0", path="x",
+                           card=load_card(n), modality="FLAIR")
+               for n in zoo.get_entry("flair-brain-age-flair").members]
+    meta = brainage_sidecar(members)
+    assert {v["Value"] for k, v in meta["MAE"].items() if k != "ensemble"} == {3.31}
+    assert meta["MAE"]["ensemble"]["Value"] == 2.81 == meta["Ensemble"]["MAE"]["Value"]
+
+
+def load_card(name, named=True):
+    from brainage_bids.models.checkpoint import published_card
+
+    return published_card(zoo.get_entry(name), named=named)

@@ -130,7 +130,39 @@ def model_description(model) -> dict:
          "InputImage": model.input.image, "Normalisation": model.input.normalisation}
     if model.centres is not None:
         d["AgeBins"] = [float(model.centres[0]), float(model.centres[-1])]
+    mae = model_mae(getattr(model, "card", None))
+    if mae is not None:
+        d["MAE"] = mae
     return d
+
+
+def model_mae(card: dict | None) -> dict | None:
+    """The MAE to read an age against: the publisher's (published models) or the held-out test
+    MAE of our model card; None when neither is known."""
+    card = card or {}
+    pub = card.get("publisher_mae") or {}
+    if _qc.as_finite(pub.get("value")) is not None:
+        return {"Value": float(pub["value"]), "Units": "year", "Source": "publisher",
+                "TestSet": pub.get("test_set", "")}
+    test = card.get("test") or {}
+    value = _qc.as_finite(test.get("mae", card.get("test_mae")))
+    if value is not None:
+        out = {"Value": round(value, 4), "Units": "year", "Source": "model card (held-out test)"}
+        if test.get("n"):
+            out["TestSet"] = f"n={test['n']}"
+        return out
+    return None
+
+
+def ensemble_mae(names: list[str]) -> dict | None:
+    """The publisher's MAE of a zoo ensemble whose members are exactly ``names``."""
+    from ..models import zoo
+
+    for entry in zoo.REGISTRY.values():
+        if entry.members and list(entry.members) == list(names) and entry.mae is not None:
+            return {"Value": entry.mae, "Units": "year", "Source": f"publisher ({entry.name})",
+                    "TestSet": entry.mae_test_set}
+    return None
 
 
 def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
@@ -151,6 +183,12 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
                   "sample estimate)); members without a distribution (scalar output) contribute "
                   "through the spread of their ages only",
         }
+    # the MAE to read each row's age against, by the row's model (n/a: none known)
+    meta["MAE"] = {m.name: model_mae(getattr(m, "card", None)) for m in models}
+    if len(models) > 1:
+        meta["MAE"]["ensemble"] = ensemble_mae([m.name for m in models])
+        if meta["MAE"]["ensemble"] is not None:
+            meta["Ensemble"]["MAE"] = meta["MAE"]["ensemble"]
     meta["Precision"] = precision
     meta["SoftwareVersion"] = __version__
     meta["GeneratedBy"] = [{"Name": "brainage-bids", "Version": __version__}]
