@@ -210,3 +210,25 @@ def test_default_work_dir_is_unique_per_output_dir(tmp_path):
     a, b = default_work_dir(tmp_path / "out-a"), default_work_dir(tmp_path / "out-b")
     assert a != b and a == default_work_dir(tmp_path / "out-a")
     assert a.name.startswith("brainage-bids-work-")
+
+
+def test_second_run_on_a_locked_output_dir(synthetic_bids, tmp_path, random_model, caplog):
+    """Another run holding OUT's lock: a one-line error, exit 73, nothing written."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".brainage-bids.lock", "a+") as held:  # the name documented in the README
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = listing(out)
+        with caplog.at_level(logging.ERROR):
+            code = _run([synthetic_bids, out, "participant", "--model", random_model], tmp_path)
+        assert code == 73
+        _one_line_error(caplog, f"another run is using {out}")
+        assert listing(out) == before
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert _run([synthetic_bids, out, "group"], tmp_path) == 73
+        _one_line_error(caplog, "another run is using")
+    # the lock is released with its holder: the next run gets past it (to "no tables", 66)
+    assert _run([synthetic_bids, out, "group"], tmp_path) == 66

@@ -395,7 +395,7 @@ def test_ensemble_sd_is_documented_as_ddof_0():
     spec = SimpleNamespace(shape=(2, 2, 2), voxel_size=2.0, image="brain",
                            normalisation="mask_mean")
     models = [SimpleNamespace(name=n, arch="irv2", sha256="0", modality="FLAIR", output="scalar",
-                              input=spec, centres=None) for n in ("a", "b")]
+                              input=spec, centres=None, card=None) for n in ("a", "b")]
     assert "ddof 0" in brainage_sidecar(models)["Ensemble"]["SD"]
     # the SD is the mixture SD: members without SD, ages 40 and 50 -> population SD 5
     assert ensemble([40.0, 50.0], [np.nan, np.nan])[1] == pytest.approx(5.0)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import uuid
@@ -61,8 +62,44 @@ def check_paths(opts, create: bool = True) -> tuple[Path, Path, Path]:
     return bids_dir, output_dir, work_dir
 
 
+LOCK_NAME = ".brainage-bids.lock"
+_LOCKS: list = []  # open lock files, held until release_locks()
+
+
+def lock_dirs(*dirs: Path) -> None:
+    """Take an exclusive lock (``LOCK_NAME``, flock) in each directory, held until
+    :func:`release_locks` or the process ends (also on SIGKILL); a directory another run holds
+    is a UsageError, exit 73."""
+    import fcntl
+
+    for d in dict.fromkeys(dirs):
+        path = Path(d) / LOCK_NAME
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            fh.seek(0)
+            holder = fh.read().strip()
+            fh.close()
+            raise UsageError(f"another run is using {d}" + (f" ({holder})" if holder else "")
+                             + f"; wait for it to finish or choose another directory (lock "
+                             f"{path})", EXIT_CANT_CREATE) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {os.uname().nodename} since "
+                 f"{datetime.now().isoformat(timespec='seconds')}\n")
+        fh.flush()
+        _LOCKS.append(fh)
+
+
+def release_locks() -> None:
+    while _LOCKS:
+        _LOCKS.pop().close()
+
+
 def create_dirs(*dirs: Path) -> None:
-    """Create and probe each directory; a failure is exit 73."""
+    """Create and probe each directory, then lock it against a concurrent run (see
+    :func:`lock_dirs`); a failure is exit 73."""
     for d in dirs:
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -71,6 +108,7 @@ def create_dirs(*dirs: Path) -> None:
             probe.unlink()
         except OSError as exc:
             raise UsageError(f"cannot create or write {d}: {exc}", EXIT_CANT_CREATE) from exc
+    lock_dirs(*dirs)
 
 
 def plugin_settings(opts) -> dict:
@@ -140,18 +178,60 @@ def local_poll_seconds(plugin: str) -> str:
 
 
 class Progress:
-    """Nipype status callback: logs each finished or failed node with a running count."""
+    """Nipype status callback: logs each finished or failed node with a running count and
+    keeps the nodes that are running (for the message of an interrupted run)."""
 
     def __init__(self, total: int):
         self.total, self.done = total, 0
+        self.running: dict[str, None] = {}
 
     def __call__(self, node, status):
-        if status == "end":
+        name = node.fullname.replace("brainage_wf.", "")
+        if status == "start":
+            self.running[name] = None
+        elif status == "end":
             self.done += 1
-            LOG.info("[%d/%d] %s", self.done, self.total, node.fullname.replace("brainage_wf.", ""))
+            self.running.pop(name, None)
+            LOG.info("[%d/%d] %s", self.done, self.total, name)
         elif status == "exception":
             self.done += 1
+            self.running.pop(name, None)
             LOG.error("[%d/%d] FAILED %s", self.done, self.total, node.fullname)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived while the workflow ran."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise RunInterrupted(signum)
+
+
+def shutdown_workers() -> None:
+    """Stop this process's worker processes and the multiprocessing forkserver (nipype's
+    MultiProc pool); the resource tracker then exits with this process, so nothing outlives an
+    interrupted run."""
+    import multiprocessing as mp
+
+    # the pool's futures fail as their workers stop: that is expected, not worth a traceback
+    logging.getLogger("concurrent.futures").disabled = True
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+            child.join(1)
+    forkserver = sys.modules.get("multiprocessing.forkserver")
+    try:
+        forkserver._forkserver._stop()
+    except Exception:  # noqa: BLE001 - not started, or already gone
+        pass
 
 
 def setup_logging(verbose: int) -> None:
@@ -318,11 +398,27 @@ def run_participant(opts) -> int:
     from nipype.interfaces.utility import IdentityInterface
 
     n_jobs = sum(not isinstance(n.interface, IdentityInterface) for n in wf._get_all_nodes())
-    plugin["plugin_args"].setdefault("status_callback", Progress(n_jobs))
+    progress = Progress(n_jobs)
+    plugin["plugin_args"].setdefault("status_callback", progress)
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         wf.run(**plugin)
     except RuntimeError as exc:  # nipype raises once at the end when any node failed
         LOG.debug("workflow reported failures: %s", exc)
+    except RunInterrupted as exc:
+        for s in previous:  # a second signal during the shutdown must not interrupt it
+            signal.signal(s, signal.SIG_IGN)
+        shutdown_workers()
+        running = sorted(progress.running)
+        LOG.error("interrupted by %s after %d of %d steps; stopped: %s. Outputs already written "
+                  "are complete; rerun the same command (same -w %s) to resume",
+                  signal.Signals(exc.signum).name, progress.done, progress.total,
+                  ", ".join(running) if running else "nothing was running", work_dir)
+        return 128 + exc.signum
+    finally:
+        for s, handler in previous.items():
+            if signal.getsignal(s) in (_raise_interrupted, signal.SIG_IGN):
+                signal.signal(s, handler)
     failed = []
     for scan in scans:
         paths = derivative_paths(scan, str(output_dir))
@@ -484,6 +580,8 @@ def main(argv=None) -> int:
     except (UsageError, BIDSInputError) as exc:
         LOG.error("%s", exc)
         return exc.exit_code
+    finally:
+        release_locks()
 
 
 if __name__ == "__main__":
