@@ -6,6 +6,7 @@ import logging
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from brainage_bids.cli.run import main
 from brainage_bids.interfaces.predict import PredictAge
@@ -13,6 +14,7 @@ from brainage_bids.interfaces.predict import PredictAge
 from conftest import make_bids, template_image
 
 
+@pytest.mark.integration  # one participant-level run: about a minute, two under load
 def test_failed_scans_publish_nothing(tmp_path, random_model, monkeypatch, caplog):
     bids, out = tmp_path / "bids", tmp_path / "out"
     make_bids(bids, {"tiny": {"age": 40.0}, "huge": {"age": 50.0}, "failpred": {"age": 60.0}})

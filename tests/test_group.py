@@ -439,6 +439,7 @@ def _real_run(tmp_path, run: str, dataset: str):
     return out, skipped
 
 
+@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
 def test_real_acc_ms(tmp_path):
     out, skipped = _real_run(tmp_path, "acc_ms", "ms-lesjak2018-mni")
     reasons = dict(zip(skipped["analysis"], skipped["reason"]))
@@ -449,6 +450,7 @@ def test_real_acc_ms(tmp_path):
     assert len(_read(out / "group" / "brainage.tsv")) == 3
 
 
+@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
 def test_real_acc_ixi(tmp_path):
     """Three IXI controls of the default model's test split: accuracy is reported on them (they
     are not training participants), too few for a bias correction."""
@@ -459,6 +461,7 @@ def test_real_acc_ixi(tmp_path):
     assert fit["status"] == "skipped" and "minimum of 10" in fit["reason"]
 
 
+@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
 def test_real_acc_long(tmp_path):
     out, skipped = _real_run(tmp_path, "acc_long", "ms-lesjak2016-longitudinal")
     reasons = dict(zip(skipped["analysis"], skipped["reason"]))

@@ -32,6 +32,8 @@ DESIGN_COLUMNS = ["participant_id", "session_id", "source_file", "suffix", "mode
                   "lesion_filled", "qc_flags"]
 YEAR_COLUMNS = ["chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap"]
 GOOD = ("good", "noage")
+
+pytestmark = pytest.mark.integration  # real participant runs (deepbet on four scans): minutes
 BAD = ("corrupt", "fourd")
 
 
@@ -140,7 +142,15 @@ def test_brainage_tables(run):
         assert row["lesion_filled"] == "false"
         assert row["lesion_volume_ml"] == "n/a"  # no --lesion-masks
         predicted, sd = float(row["predicted_age"]), float(row["predicted_age_sd"])
-        assert 6 <= predicted <= 90 and sd > 0
+        # the age and SD are the mean and SD of the distribution written beside them
+        dist = pd.read_csv(tsv.parent / f"sub-{label}_desc-agedist_T1w.tsv", sep="\t")
+        dist = dist[dist["model"] == "random-sfcn"]
+        p = dist["probability"].to_numpy(float)
+        ages = dist["age"].to_numpy(float)
+        mean = float((p * ages).sum() / p.sum())
+        assert predicted == pytest.approx(mean, abs=2e-3)
+        assert sd == pytest.approx(float(np.sqrt((p * (ages - mean) ** 2).sum() / p.sum())),
+                                   abs=2e-3)
         if label == "good":
             assert float(row["chronological_age"]) == pytest.approx(run.good_age)
             assert float(row["brain_age_gap"]) == pytest.approx(predicted - run.good_age, abs=1e-3)

@@ -419,6 +419,7 @@ def copy_run(name: str, tmp_path: Path, participants=None) -> Path:
     return dst
 
 
+@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
 def test_reports_from_real_ms_outputs(tmp_path):
     """3 MS patients (T1w and FLAIR rows) of ms-lesjak2018-mni: participant reports and, after the
     group level, the group report."""
@@ -446,6 +447,7 @@ def test_reports_from_real_ms_outputs(tmp_path):
     assert "IXI Hammersmith T1w" in html  # the default model's card
 
 
+@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
 def test_reports_from_real_longitudinal_outputs(tmp_path):
     """Two-session clinical T1w outputs with an existing group/brainage.tsv (no stats)."""
     out = copy_run("acc_long", tmp_path, participants=["sub-patient01", "sub-patient12",
