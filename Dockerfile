@@ -99,6 +99,7 @@ RUN mkdir -p /opt/brainage-bids/models \
     && chmod 1777 /opt/brainage-bids/models \
     && chmod 777 /home/brainage
 ENV PATH=/opt/venv/bin:$PATH \
+    BRAINAGE_BIDS_CONTAINER=docker \
     HOME=/home/brainage \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     BRAINAGE_BIDS_MODELS=/opt/brainage-bids/models \

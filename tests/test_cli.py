@@ -209,7 +209,7 @@ def test_default_work_dir_is_unique_per_output_dir(tmp_path):
 
     a, b = default_work_dir(tmp_path / "out-a"), default_work_dir(tmp_path / "out-b")
     assert a != b and a == default_work_dir(tmp_path / "out-a")
-    assert a.name.startswith("brainage-bids-work-")
+    assert a == tmp_path / "out-a" / "work"  # inside the output's scope (issue 17)
 
 
 def test_second_run_on_a_locked_output_dir(synthetic_bids, tmp_path, random_model, caplog):

@@ -40,16 +40,26 @@ def _label(value: str, prefix: str) -> str:
     return value[len(prefix):] if value.startswith(prefix) else value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
+    """The parser; ``defaults`` (a ``--config`` file) become the defaults, so options given on
+    the command line override them, and the positional arguments may come from it."""
+    defaults = defaults or {}
     p = _Parser(
         prog="brainage-bids",
         description="Brain age from T1w and T2-FLAIR MRI as a BIDS App: participant -> group, or train "
                     "a model. Manage models with `brainage-bids models list|install`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("bids_dir", help="the input BIDS dataset (read only)")
-    p.add_argument("output_dir", help="where derivatives are written (never inside bids_dir)")
-    p.add_argument("analysis_level", help=f"one of {', '.join(LEVELS)}")
+    for name, text in (("bids_dir", "the input BIDS dataset (read only)"),
+                       ("output_dir", "where derivatives are written (never inside bids_dir)"),
+                       ("analysis_level", f"one of {', '.join(LEVELS)}")):
+        if name in defaults:  # from --config: optional on the command line
+            p.add_argument(name, nargs="?", help=text)
+        else:
+            p.add_argument(name, help=text)
+    p.add_argument("--config", metavar="FILE",
+                   help="replay a run: the config.json of OUTPUT_DIR/logs/<run-id>/ (JSON or "
+                        "YAML of option names); options on the command line override it")
     p.add_argument("--version", action="version", version=f"brainage-bids {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
 
@@ -73,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes run in parallel (MultiProc)")
     run.add_argument("--omp-nthreads", type=int, default=None,
                      help="threads per process (default: nprocs, at most 8)")
+    run.add_argument("--mem", "--mem-gb", dest="mem_gb", type=float, default=None, metavar="GB",
+                     help="memory the parallel nodes may use together (MultiProc memory_gb; "
+                          "default: 90 %% of the machine's)")
     run.add_argument("--plugin", default="MultiProc", choices=PLUGINS, help="Nipype execution plugin")
     run.add_argument("--plugin-args", metavar="JSON|FILE",
                      help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p short"}\', or a '
@@ -158,8 +171,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_defaults(argv) -> dict:
+    """The options of the ``--config`` file named in ``argv`` (empty without one)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return {}
+    from ..utils.provenance import load_config
+
+    try:
+        cfg = load_config(known.config)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--config {known.config}: {exc}") from exc
+    dests = {a.dest for a in build_parser({"bids_dir": 1, "output_dir": 1,
+                                           "analysis_level": 1})._actions}
+    unknown = sorted(set(cfg) - dests)
+    if unknown:
+        raise UsageError(f"--config {known.config}: unknown option(s) {', '.join(unknown)}")
+    cfg.pop("config", None)
+    return cfg
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    opts = build_parser().parse_args(argv)
+    defaults = _config_defaults(argv)
+    parser = build_parser(defaults)
+    parser.set_defaults(**defaults)
+    opts = parser.parse_args(argv)
     if opts.analysis_level not in LEVELS:
         raise UsageError(f"unknown analysis level {opts.analysis_level!r}; choose from "
                          f"{', '.join(LEVELS)}", EXIT_UNKNOWN_LEVEL)
@@ -169,6 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         opts.omp_nthreads = min(opts.nprocs, 8)
     if opts.omp_nthreads < 1:
         raise UsageError("--omp-nthreads must be at least 1")
+    if opts.mem_gb is not None and opts.mem_gb <= 0:
+        raise UsageError("--mem must be a positive number of GB")
     if opts.ensemble_size < 1:
         raise UsageError("--ensemble-size must be at least 1")
     if opts.ensemble_size == 1:

@@ -37,10 +37,9 @@ def _is_within(child: Path, parent: Path) -> bool:
 
 
 def default_work_dir(output_dir: Path) -> Path:
-    """``<tmp>/brainage-bids-work-<hash of OUTPUT_DIR>``: one work dir per output dir, so runs
-    into different outputs (two datasets sharing a participant label) never share one."""
-    digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:12]
-    return Path(tempfile.gettempdir()) / f"brainage-bids-work-{digest}"
+    """``OUTPUT_DIR/work``: inside the output's scope, so each output dir (and user) has its own,
+    and rerunning the same command resumes from it (``.bidsignore`` lists it)."""
+    return Path(output_dir) / "work"
 
 
 def check_paths(opts, create: bool = True) -> tuple[Path, Path, Path]:
@@ -143,6 +142,8 @@ def plugin_settings(opts) -> dict:
         os.environ.setdefault("LOGNAME", user)
     if opts.plugin == "MultiProc":
         args.setdefault("n_procs", opts.nprocs)
+        if getattr(opts, "mem_gb", None):
+            args.setdefault("memory_gb", float(opts.mem_gb))
         args.setdefault("raise_insufficient", False)
         # Workers forked from a process that already ran PyTorch can deadlock in its OpenMP pool.
         args.setdefault("mp_context", "forkserver")
@@ -177,26 +178,91 @@ def local_poll_seconds(plugin: str) -> str:
     return "0.05" if plugin in ("MultiProc", "Linear") else "2"
 
 
-class Progress:
-    """Nipype status callback: logs each finished or failed node with a running count and
-    keeps the nodes that are running (for the message of an interrupted run)."""
+PROGRESS = logging.getLogger("brainage_bids.progress")
 
-    def __init__(self, total: int):
+
+class Progress:
+    """Nipype status callback: one console line per scan when it finishes or fails (every node
+    with ``-v``), and the nodes that are running (for the message of an interrupted run).
+
+    ``scans``: name of each scan's sub-workflow -> (label, number of nodes)."""
+
+    def __init__(self, total: int, scans: dict | None = None):
         self.total, self.done = total, 0
         self.running: dict[str, None] = {}
+        self.scans = dict(scans or {})
+        self.left = {k: n for k, (_, n) in self.scans.items()}
+        self.started: dict[str, float] = {}
+        self.finished: dict[str, str] = {}  # scan key -> "ok" or the failed step
+
+    def _scan(self, name: str) -> str | None:
+        return next((part for part in name.split(".") if part in self.scans), None)
 
     def __call__(self, node, status):
+        import time
+
         name = node.fullname.replace("brainage_wf.", "")
+        key = self._scan(name)
         if status == "start":
             self.running[name] = None
-        elif status == "end":
-            self.done += 1
-            self.running.pop(name, None)
+            if key:
+                self.started.setdefault(key, time.monotonic())
+            return
+        if status not in ("end", "exception"):
+            return
+        self.done += 1
+        self.running.pop(name, None)
+        if status == "end":
             LOG.info("[%d/%d] %s", self.done, self.total, name)
-        elif status == "exception":
-            self.done += 1
-            self.running.pop(name, None)
+        else:
             LOG.error("[%d/%d] FAILED %s", self.done, self.total, node.fullname)
+        if not key or key in self.finished:
+            return
+        self.left[key] -= 1
+        if status == "exception" or self.left[key] <= 0:
+            self.finished[key] = "ok" if status == "end" else name.rsplit(".", 1)[-1]
+            secs = max(0.0, time.monotonic() - self.started.get(key, time.monotonic()))
+            state = ("done" if status == "end" else
+                     f"FAILED at {self.finished[key]} (see the crash file)")
+            PROGRESS.info("[%d/%d scans] %s: %s in %.0f s", len(self.finished), len(self.scans),
+                          self.scans[key][0], state, secs)
+
+
+def scan_progress(wf, scans) -> tuple[int, dict]:
+    """Nodes to run in ``wf`` and, per scan sub-workflow name, (scan label, its number of
+    nodes)."""
+    from nipype.interfaces.utility import IdentityInterface
+    from nipype.pipeline import engine as pe
+
+    from ..workflows.participant import _safe
+
+    def jobs(w) -> int:
+        return sum(not isinstance(n.interface, IdentityInterface) for n in w._get_all_nodes())
+
+    names = {f"scan_{_safe(s.prefix)}_{s.suffix}": s.relpath for s in scans}
+    per_scan = {}
+    for sub in wf._graph.nodes():
+        for scan_wf in sub._graph.nodes() if isinstance(sub, pe.Workflow) else []:
+            if isinstance(scan_wf, pe.Workflow) and scan_wf.name in names:
+                per_scan[scan_wf.name] = (names[scan_wf.name], jobs(scan_wf))
+    return jobs(wf), per_scan
+
+
+#: Peak memory (GB) of the heavy nodes, measured on a 1 mm whole-head MPRAGE (176x256x256,
+#: 2 threads; scripts/benchmark_participant.py), with ~20 % headroom; the MultiProc plugin
+#: keeps the sum of the running nodes' mem_gb under its memory_gb (--mem).
+#: Measured peak RSS of a process running the step alone: deepbet 1.25 GB, N4 0.85 GB,
+#: AffineFast 1.05 GB, prediction with ixi-sfcn-2mm 0.38 GB (the 1 mm published models more).
+NODE_MEM_GB = {"skull_strip": 1.5, "n4": 1.0, "register": 1.25, "head_to_mni": 0.8,
+               "fill_lesions": 1.5, "lesion_to_mni": 0.8, "predict": 1.0}
+
+
+def set_node_resources(wf, mem_gb: dict | None = None) -> None:
+    """Set ``mem_gb`` on the heavy nodes of ``wf`` (by node name, see :data:`NODE_MEM_GB`)."""
+    table = NODE_MEM_GB if mem_gb is None else mem_gb
+    for node in wf._get_all_nodes():
+        if node.name in table:
+            node._mem_gb = float(table[node.name])
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -227,6 +293,10 @@ def shutdown_workers() -> None:
         if child.is_alive():
             child.kill()
             child.join(1)
+    _stop_forkserver()
+
+
+def _stop_forkserver() -> None:
     forkserver = sys.modules.get("multiprocessing.forkserver")
     try:
         forkserver._forkserver._stop()
@@ -234,19 +304,82 @@ def shutdown_workers() -> None:
         pass
 
 
+class StderrHandler(logging.StreamHandler):
+    """A stream handler writing to whatever ``sys.stderr`` is at the time of the record."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def console_level(verbose: int) -> int:
+    """Console: warnings only by default (plus one progress line per scan), INFO with -v (every
+    node, Nipype's node messages), DEBUG with -vv."""
+    return logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+
+
 def setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    """Console handlers at :func:`console_level`; the loggers themselves pass INFO on, so the
+    run's log file (utils.provenance.RunLog) gets Nipype's node messages at any verbosity."""
+    level = console_level(verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # ours (basicConfig), not pytest's capture
+            handler.setLevel(level)
+    logging.getLogger("brainage_bids").setLevel(min(level, logging.INFO))
+    if not PROGRESS.handlers:
+        handler = StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setLevel(logging.INFO)
+        PROGRESS.addHandler(handler)
+        PROGRESS.propagate = False
     from nipype import config as ncfg
     from nipype import logging as nlogging
 
     ncfg.set("execution", "check_version", "false")
     ncfg.set("execution", "remove_unnecessary_outputs", "true")
+    ncfg.set("logging", "workflow_level", "DEBUG" if verbose > 1 else "INFO")
+    ncfg.set("logging", "interface_level", "DEBUG" if verbose > 1 else "INFO")
     for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
         nlog = nlogging.getLogger(name)
-        nlog.propagate = False  # nipype has its own handler; avoid printing every line twice
-        nlog.setLevel(logging.INFO if verbose and name == "nipype.workflow" else logging.WARNING)
+        nlog.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        nlog.propagate = True
+    logging.getLogger("nipype").propagate = False  # its own handler prints; not twice
+    nipype_root = logging.getLogger("nipype")
+    for handler in list(nipype_root.handlers):  # nipype's own, on stdout: ours, on stderr
+        if type(handler) in (logging.StreamHandler, StderrHandler):
+            nipype_root.removeHandler(handler)
+            console = StderrHandler()
+            console.setFormatter(handler.formatter)
+            console.setLevel(level)
+            nipype_root.addHandler(console)
+    os.environ["BRAINAGE_BIDS_CONSOLE_LEVEL"] = str(level)
+
+
+def start_run_log(opts, output_dir: Path, work_dir, level: str, run_id: str | None = None):
+    """Open ``OUTPUT_DIR/logs/<run-id>/`` (see utils.provenance.RunLog) and start logging to it."""
+    from ..utils.provenance import RunLog, new_run_id
+
+    log = RunLog(output_dir, run_id or new_run_id(), level)
+    log.write_start(opts, getattr(opts, "argv", []), work_dir)
+    log.start_log()
+    PROGRESS.addHandler(log._handler)
+    os.environ["BRAINAGE_BIDS_LOG_FILE"] = str(log.dir / "nipype.log")
+    return log
+
+
+def stop_run_log(log) -> None:
+    if log is None:
+        return
+    if log._handler is not None:
+        PROGRESS.removeHandler(log._handler)
+    log.stop_log()
+    os.environ.pop("BRAINAGE_BIDS_LOG_FILE", None)
 
 
 def resolve_models(opts) -> list:
@@ -349,12 +482,9 @@ def run_reports_only(opts) -> int:
 
 
 def run_participant(opts) -> int:
-    from ..utils.bids import collect_scans, load_filters, write_derivative_description
+    from ..utils.bids import collect_scans, load_filters
+    from ..utils.provenance import new_run_id
     from ..utils.templates import TEMPLATE
-    from ..workflows.outputs import derivative_paths
-    from ..workflows.participant import crash_dir, init_brainage_wf, models_for
-    from ..interfaces.skullstrip import resolve_method
-    from ..reports import write_participant_report
 
     plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
     # Every input is checked before the output and work directories are created.
@@ -376,6 +506,29 @@ def run_participant(opts) -> int:
                  len(matched.by_scan), len(matched.empty),
                  len(scans) - len(matched.by_scan) - len(matched.empty))
     create_dirs(output_dir, work_dir)
+    run_id = new_run_id()
+    log = start_run_log(opts, output_dir, work_dir, "participant", run_id)
+    try:
+        return _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_dir,
+                            output_dir, work_dir)
+    finally:
+        stop_run_log(log)
+
+
+def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_dir, output_dir,
+                 work_dir) -> int:
+    import time
+
+    from ..interfaces.ants import REGISTRATION_SEED
+    from ..interfaces.skullstrip import resolve_method
+    from ..reports import write_participant_report
+    from ..utils.bids import write_derivative_description
+    from ..utils.provenance import participant_methods, sidecar_provenance, versions
+    from ..workflows.outputs import add_sidecar_metadata, derivative_paths
+    from ..workflows.participant import crash_dir, init_brainage_wf, models_for
+
+    started = time.monotonic()
+    run_id = log.run_id
     for scan in scans:
         if scan.age is None and models:
             LOG.warning("%s: no age (%s); it is predicted and its brain_age_gap is n/a",
@@ -383,23 +536,72 @@ def run_participant(opts) -> int:
     skull_strip = resolve_method(opts.skull_strip, opts.device)
     saliency = bool(models) and (opts.saliency if opts.saliency is not None
                                  else _device_is_cuda(opts.device))
-    run_id = datetime.now().strftime("%Y%m%d-%H%M%S_") + uuid.uuid4().hex[:8]
-    LOG.info("%d scan(s) of %d participant(s); skull strip: %s; template: %s; run %s", len(scans),
-             len({s.subject for s in scans}), skull_strip, template.source, run_id)
+    n_participants = len({s.subject for s in scans})
+    PROGRESS.info("brainage-bids participant: %d scan(s) of %d participant(s); skull strip: %s; "
+                  "run %s (log: %s)", len(scans), n_participants, skull_strip, run_id, log.dir)
+    LOG.info("template: %s", template.source)
+    tools = versions()
+    paragraphs, refs = participant_methods(
+        skull_strip=skull_strip, template=template.name, template_source=template.source,
+        models=models, modalities=opts.modalities, omp_nthreads=opts.omp_nthreads,
+        seed=REGISTRATION_SEED, lesion_filling=bool(lesion_masks),
+        preproc_only=opts.preproc_only, tools=tools)
+    log.write_boilerplate(paragraphs, refs)
     write_derivative_description(bids_dir, output_dir)
     wf = init_brainage_wf(
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
         template=str(template.brain), template_mask=str(template.mask), models=models,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
         precision=opts.precision, saliency=saliency, lesion_masks=lesion_masks)
+    add_sidecar_metadata(wf, sidecar_provenance(
+        template=template.name, template_source=template.source, omp_nthreads=opts.omp_nthreads,
+        seed=REGISTRATION_SEED, tools=tools))
+    set_node_resources(wf)
+    n_jobs, per_scan = scan_progress(wf, scans)
+    progress = Progress(n_jobs, per_scan)
+    code = run_workflow(wf, plugin, progress, opts, work_dir)
+    if code is not None:
+        return code
+    failed = []
+    for scan in scans:
+        paths = derivative_paths(scan, str(output_dir))
+        lesion = (lesion_masks or {}).get(scan.path)
+        expected = [paths["preproc"], paths["mask"]] + (
+            [paths["brainage"]] if models_for(scan, models) else []) + (
+            [paths["filled"], paths["lesion"]] if lesion is not None and not lesion.empty
+            else [])
+        if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
+            failed.append(scan)
+    failed_subjects = sorted({s.participant_id for s in failed})
+    for pid in failed_subjects:
+        msgs = crash_messages(crash_dir(str(output_dir), pid, run_id)) or ["no crash file written"]
+        for m in msgs:
+            LOG.error("%s failed: %s", pid, m)
+    for pid in sorted({s.participant_id for s in scans}):
+        _report(lambda: write_participant_report(output_dir, pid, run_id=run_id,
+                                                 bids_dir=bids_dir), pid)
+    n_ok = n_participants - len(failed_subjects)
+    PROGRESS.info("brainage-bids participant: %d participant(s) completed, %d failed%s; %d of %d "
+                  "scan(s) written in %.0f s; outputs in %s, log in %s", n_ok,
+                  len(failed_subjects), f" ({', '.join(failed_subjects)})" if failed else "",
+                  len(scans) - len(failed), len(scans), time.monotonic() - started, output_dir,
+                  log.dir)
+    return EXIT_PARTICIPANT_FAILED if failed else EXIT_OK
+
+
+def run_workflow(wf, plugin: dict, progress: Progress, opts, work_dir) -> int | None:
+    """Run ``wf`` with ``plugin``; None when it ran (failed nodes included), 128+signal when
+    interrupted. The forkserver preloads utils.worker_logging, so the workers log to the run's
+    file, and is stopped afterwards, so the next run's workers start from its settings."""
+    import multiprocessing as mp
+
     from nipype import config as ncfg
 
     ncfg.set("execution", "poll_sleep_duration", local_poll_seconds(opts.plugin))
-    from nipype.interfaces.utility import IdentityInterface
-
-    n_jobs = sum(not isinstance(n.interface, IdentityInterface) for n in wf._get_all_nodes())
-    progress = Progress(n_jobs)
     plugin["plugin_args"].setdefault("status_callback", progress)
+    if opts.plugin == "MultiProc":
+        _stop_forkserver()
+        mp.set_forkserver_preload(["brainage_bids.utils.worker_logging"])
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         wf.run(**plugin)
@@ -419,29 +621,9 @@ def run_participant(opts) -> int:
         for s, handler in previous.items():
             if signal.getsignal(s) in (_raise_interrupted, signal.SIG_IGN):
                 signal.signal(s, handler)
-    failed = []
-    for scan in scans:
-        paths = derivative_paths(scan, str(output_dir))
-        lesion = (lesion_masks or {}).get(scan.path)
-        expected = [paths["preproc"], paths["mask"]] + (
-            [paths["brainage"]] if models_for(scan, models) else []) + (
-            [paths["filled"], paths["lesion"]] if lesion is not None and not lesion.empty
-            else [])
-        if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
-            failed.append(scan)
-    failed_subjects = sorted({s.participant_id for s in failed})
-    for pid in failed_subjects:
-        msgs = crash_messages(crash_dir(str(output_dir), pid, run_id)) or ["no crash file written"]
-        for m in msgs:
-            LOG.error("%s failed: %s", pid, m)
-    for pid in sorted({s.participant_id for s in scans}):
-        _report(lambda: write_participant_report(output_dir, pid, run_id=run_id,
-                                                 bids_dir=bids_dir), pid)
-    n_ok = len({s.participant_id for s in scans}) - len(failed_subjects)
-    print(f"brainage-bids participant: {n_ok} participant(s) completed, "
-          f"{len(failed_subjects)} failed" + (f" ({', '.join(failed_subjects)})" if failed else ""),
-          file=sys.stderr)
-    return EXIT_PARTICIPANT_FAILED if failed else EXIT_OK
+    if opts.plugin == "MultiProc":
+        _stop_forkserver()
+    return None
 
 
 def _stale(paths: list[str], run_id: str) -> bool:
@@ -462,6 +644,19 @@ def run_group(opts) -> int:
     if fit_file and not Path(fit_file).is_file():
         raise UsageError(f"--bias-fit-file not found: {fit_file}", EXIT_NO_INPUT)
     bids_dir, output_dir, _ = check_paths(opts)
+    from ..utils.provenance import group_methods
+
+    log = start_run_log(opts, output_dir, None, "group")
+    try:
+        log.write_boilerplate(*group_methods(bias_method=spec["bias"]["method"]))
+        return _group(opts, spec, fit_file, bids_dir, output_dir, log)
+    finally:
+        stop_run_log(log)
+
+
+def _group(opts, spec, fit_file, bids_dir, output_dir, log) -> int:
+    from ..stats.group import run_group_analyses
+
     try:
         summary = run_group_analyses(bids_dir, output_dir, spec, bias_fit_file=fit_file)
     except (ValueError, KeyError) as exc:  # unreadable participant tables or clinical files
@@ -470,8 +665,8 @@ def run_group(opts) -> int:
     print(f"brainage-bids group: wrote {summary['brainage']}; bias correction "
           f"{'fitted for ' + ', '.join(fitted) if fitted else 'not fitted'}; "
           f"{len(summary['tables'])} table(s) in {Path(summary['brainage']).parent / 'stats'}, "
-          f"{len(summary['skipped'])} analysis/analyses skipped (see stats/skipped.tsv)",
-          file=sys.stderr)
+          f"{len(summary['skipped'])} analysis/analyses skipped (see stats/skipped.tsv); log in "
+          f"{log.dir}", file=sys.stderr)
     from ..models.saliency import group_saliency
     from ..reports import write_group_report
 
@@ -486,10 +681,17 @@ def run_group(opts) -> int:
 def run_train(opts) -> int:
     from ..models.train import train_from_bids
 
+    from ..utils.provenance import train_methods
+
     bids_dir, output_dir, work_dir = check_paths(opts)
-    card = train_from_bids(bids_dir, output_dir, work_dir, opts,
-                           command=" ".join(["brainage-bids", *opts.argv]))
-    print(f"brainage-bids train: wrote {card['weights']}", file=sys.stderr)
+    log = start_run_log(opts, output_dir, work_dir, "train")
+    try:
+        log.write_boilerplate(*train_methods(opts))
+        card = train_from_bids(bids_dir, output_dir, work_dir, opts,
+                               command=" ".join(["brainage-bids", *opts.argv]))
+    finally:
+        stop_run_log(log)
+    print(f"brainage-bids train: wrote {card['weights']}; log in {log.dir}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ..utils.images import atomic_write_text
 from . import data, qc
+from ..utils.provenance import latest_boilerplate
 from .html import relpath, render
 
 LOG = logging.getLogger("brainage_bids.reports")
@@ -272,7 +273,9 @@ def write_group_report(output_dir, *, bids_dir=None, group_column: str = "diagno
                   saliency=saliency, problems=problems, group_column=group_column,
                   has_groups=table is not None and group_column in (table.columns
                                                                     if table is not None else []),
-                  flag_descriptions=qc.FLAG_DESCRIPTIONS, thresholds=_thresholds())
+                  flag_descriptions=qc.FLAG_DESCRIPTIONS, thresholds=_thresholds(),
+                  methods=[b for b in (latest_boilerplate(output_dir, level=level)
+                                       for level in ("participant", "group")) if b])
     atomic_write_text(report, html)
     if fig_dir.is_dir():
         for f in fig_dir.iterdir():

@@ -15,6 +15,7 @@ import pandas as pd
 
 from ..utils.images import atomic_write_text
 from . import data, qc
+from ..utils.provenance import latest_boilerplate
 from .html import relpath, render
 
 LOG = logging.getLogger("brainage_bids.reports")
@@ -339,7 +340,8 @@ def write_participant_report(output_dir, participant_id: str, *, run_id: str | N
         "participant.html", participant_id=pid, info=info, scans=sections, crashes=crashes,
         run_id=run_id, unprocessed=_unprocessed(bids_root, label, scans),
         figure_errors=figs.errors, flag_descriptions=qc.FLAG_DESCRIPTIONS,
-        thresholds=threshold_rows(), bids_root=str(bids_root) if bids_root else None)
+        thresholds=threshold_rows(), bids_root=str(bids_root) if bids_root else None,
+        methods=[b for b in [latest_boilerplate(output_dir, run_id, "participant")] if b])
     atomic_write_text(report, html)
     figs.prune()
     return report

@@ -408,14 +408,16 @@ def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_
 
 
 def write_derivative_description(bids_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """dataset_description.json of the derivatives (GeneratedBy, SourceDatasets)."""
+    """dataset_description.json of the derivatives (GeneratedBy, with Container inside the
+    app's container; SourceDatasets)."""
+    from .provenance import generated_by
+
     out = Path(out_dir)
     desc = {
         "Name": "brainage-bids outputs",
         "BIDSVersion": "1.9.0",
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "brainage-bids", "Version": __version__,
-                         "CodeURL": "https://github.com/brainage-bids/brainage-bids"}],
+        "GeneratedBy": generated_by(),
         "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],
     }
     src = Path(bids_dir) / "dataset_description.json"
@@ -429,4 +431,4 @@ def write_derivative_description(bids_dir: str | os.PathLike, out_dir: str | os.
     atomic_write_text(out / "dataset_description.json", json.dumps(desc, indent=2) + "\n")
     ignore = out / ".bidsignore"
     if not ignore.exists():
-        atomic_write_text(ignore, "*.html\nlogs/\n*/log/\ngroup/\nmodels/\n")
+        atomic_write_text(ignore, "*.html\nlogs/\n*/log/\ngroup/\nmodels/\nwork/\n")

@@ -133,3 +133,15 @@ def init_ds_lesion_wf(*, scan: Scan, output_dir: str, lesion_file: str, gated: b
     if gated:
         _hold_back(wf, inputnode, [ds_filled, ds_lesion])
     return wf
+
+
+def add_sidecar_metadata(wf, extra: dict) -> None:
+    """Add ``extra`` (e.g. utils.provenance.sidecar_provenance: tool versions, template, seed,
+    threads) to the sidecar of every derivative ``wf`` writes; keys of a node's own sidecar
+    file win."""
+    from nipype.interfaces.base import isdefined
+
+    for node in wf._get_all_nodes():
+        if isinstance(node.interface, DerivativesSink):
+            own = node.inputs.metadata
+            node.inputs.metadata = {**extra, **(own if isdefined(own) else {})}

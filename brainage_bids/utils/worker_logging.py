@@ -1,0 +1,35 @@
+"""Imported by the multiprocessing forkserver before it forks Nipype's workers (see
+cli.run.run_workflow): Nipype's node messages of every worker go to the run's log file
+(``BRAINAGE_BIDS_LOG_FILE``) and reach the console only at ``BRAINAGE_BIDS_CONSOLE_LEVEL``."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def configure() -> None:
+    log_file = os.environ.get("BRAINAGE_BIDS_LOG_FILE")
+    level = int(os.environ.get("BRAINAGE_BIDS_CONSOLE_LEVEL", logging.WARNING))
+    from nipype import logging as nlogging  # noqa: F401 - installs nipype's stdout handler
+
+    root = logging.getLogger("nipype")
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler):
+            handler.setStream(sys.stderr)
+            handler.setLevel(level)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        root.addHandler(handler)
+        lib = logging.getLogger("brainage_bids")
+        lib.addHandler(handler)
+        lib.setLevel(logging.INFO)
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        logging.getLogger(name).propagate = True
+
+
+configure()
