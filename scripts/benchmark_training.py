@@ -43,6 +43,12 @@ def configurations() -> dict:
     out = {"old": OLD, "new-none": dict(RECIPE, augment=())}
     out.update({f"new-{f}": dict(RECIPE, augment=(f,)) for f in FAMILIES})
     out["new-all"] = dict(RECIPE, augment=FAMILIES)
+    # screening variants of the shipped recipe
+    out["new-all-l1"] = dict(RECIPE, augment=FAMILIES, loss="kl+l1")
+    out["new-none-l1"] = dict(RECIPE, augment=(), loss="kl+l1")
+    out["new-all-l1-wide"] = dict(RECIPE, augment=FAMILIES, loss="kl+l1",
+                                  channels=[16, 32, 64, 128, 128, 32])
+    out["new-all-l1-p03"] = dict(RECIPE, augment=FAMILIES, loss="kl+l1", augment_probability=0.3)
     return out
 
 
@@ -90,8 +96,9 @@ def main(argv=None) -> int:
         key = f"{name}|epochs={args.epochs}|fold={args.fold}"
         if key not in results:
             c = configs[name]
-            run_opts = SimpleNamespace(epochs=args.epochs, voxel_size=2.0, augment_probability=0.5,
-                                       **{k: v for k, v in c.items() if k != "channels"})
+            run_opts = SimpleNamespace(**{"epochs": args.epochs, "voxel_size": 2.0,
+                                          "augment_probability": 0.5, "loss": "kl",
+                                          **{k: v for k, v in c.items() if k != "channels"}})
             t0 = time.time()
             _, best_epoch, history, (last, _) = T.fit_member(
                 "sfcn", {"channels": c["channels"], "bins": [6.0, 90.0, 1.0]}, x_tr, y_tr, x_va,

@@ -163,6 +163,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                     help="training augmentation families: all (default), none, legacy (shifts "
                          "and flips only, the recipe before 0.2), or any of affine gamma bias "
                          "noise blur slices histogram")
+    tr.add_argument("--loss", choices=("kl", "kl+l1"), default="kl",
+                    help="SFCN loss: KL divergence to Gaussian soft labels (as published), or "
+                         "that plus 0.1 x the absolute error of the expected age in years")
     tr.add_argument("--dropout", type=float, default=None,
                     help="dropout before the output layer while training (default: 0.5 for "
                          "SFCN, as published, 0.2 for IRV2)")

@@ -302,10 +302,21 @@ def build_trainable(arch: str, config: dict, mean_age: float, dropout: float | N
     return build_sfcn(config, 0.5 if dropout is None else dropout)
 
 
-def loss_fn(arch: str, out: torch.Tensor, ages: torch.Tensor, centres) -> torch.Tensor:
+LOSSES = ("kl", "kl+l1")
+L1_WEIGHT = 0.1  # per year of absolute error, against a KL term of about 2 early in training
+
+
+def loss_fn(arch: str, out: torch.Tensor, ages: torch.Tensor, centres, loss: str = "kl") -> torch.Tensor:
+    """IRV2: MSE on age. SFCN: KL divergence to Gaussian soft labels (``kl``), plus, for
+    ``kl+l1``, 0.1 x the absolute error of the distribution's mean in years, which pulls the
+    expected age to the true one while the KL term shapes the distribution."""
     if arch == "irv2":
         return torch.nn.functional.mse_loss(out.reshape(-1), ages)
-    return soft_label_loss(out, ages, centres, sigma=1.0)
+    kl = soft_label_loss(out, ages, centres, sigma=1.0)
+    if loss == "kl":
+        return kl
+    mean = (out.exp() * centres[None, :]).sum(1)
+    return kl + L1_WEIGHT * (mean - ages).abs().mean()
 
 
 @torch.no_grad()
@@ -358,7 +369,7 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "batch_size": opts.batch_size, "lr": opts.learning_rate, "voxel": opts.voxel_size,
                  "weight_decay": opts.weight_decay, "n_train": len(y_train),
                  "train_ages": float(np.sum(y_train)), "val_ages": float(np.sum(y_val)),
-                 "dropout": dropout,
+                 "dropout": dropout, "loss": getattr(opts, "loss", "kl"),
                  "augment": list(getattr(opts, "augment", ("legacy",))),
                  "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
                  "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
@@ -399,7 +410,7 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
             if device == "cpu":
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
             yb = torch.from_numpy(y_train[idx]).to(device)
-            loss = loss_fn(arch, net(xb), yb, centres)
+            loss = loss_fn(arch, net(xb), yb, centres, getattr(opts, "loss", "kl"))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -598,7 +609,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "members": [{k: v for k, v in m.items() if k != "net"} for m in members],
         "augmentation": {"families": list(getattr(opts, "augment", ("legacy",))),
                          "probability": float(getattr(opts, "augment_probability", 0.5))},
-        "dropout": getattr(opts, "dropout", None),
+        "dropout": getattr(opts, "dropout", None), "loss": getattr(opts, "loss", "kl"),
         "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
         "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
         "weight_decay": opts.weight_decay, "seed": opts.seed, "device": device,
