@@ -141,3 +141,100 @@ def random_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("model") / "random-sfcn.pt"
     save_checkpoint(path, net, "random-sfcn", config, spec, card={"age_range": [20, 80]})
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# participant-level outputs made by the tests (for the group level and the reports)
+def _bids_ages(bids: Path) -> tuple[dict, dict]:
+    """participants.tsv ages by participant and sessions.tsv ages by (participant, session)."""
+    import pandas as pd
+
+    read = dict(sep="\t", na_values=["n/a"], keep_default_na=False, dtype={"participant_id": str})
+    p = pd.read_csv(bids / "participants.tsv", **read)
+    ages = {r.participant_id: (None if pd.isna(r.age) else float(r.age)) for r in p.itertuples()}
+    sessions = {}
+    for f in bids.glob("sub-*/sub-*_sessions.tsv"):
+        s = pd.read_csv(f, **read)
+        pid = f.name.split("_")[0]
+        if "age" in s:
+            for r in s.itertuples():
+                sessions[(pid, r.session_id)] = None if pd.isna(r.age) else float(r.age)
+    return ages, sessions
+
+
+def write_participant_outputs(bids: Path, out: Path, models: dict, participants=None,
+                              images: bool = False, seed: int = 0, flags: dict | None = None):
+    """Participant-level outputs in the output contract for the scans of a BIDS dataset, as the
+    participant level writes them, without running it: for each ``<suffix>`` image of the chosen
+    participants (all when None), one ``desc-brainage_<suffix>.tsv`` with a row per model of
+    ``models[suffix]`` (predicted age = chronological age + a seeded offset), its JSON sidecar,
+    and with ``images`` the MNI preproc image, brain mask and (bins models) age distribution made
+    from nilearn's template. ``flags`` maps a suffix to the qc_flags of its rows. The
+    chronological age is the session's age in sessions.tsv, else (no sessions) participants.tsv.
+    Writes OUT/dataset_description.json pointing at ``bids``; returns the rows written."""
+    import pandas as pd
+
+    from brainage_bids.interfaces.predict import COLUMNS
+
+    bids, out = Path(bids), Path(out)
+    rng = np.random.default_rng(seed)
+    ages, session_ages = _bids_ages(bids)
+    keep = None if participants is None else set(participants)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": "brainage-bids outputs", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "SourceDatasets": [{"URL": bids.resolve().as_uri()}]}))
+    brain = mask = affine = None
+    if images:
+        tpl = template_image(resolution=2, scale=1.0)
+        data = np.asarray(tpl.dataobj, dtype=np.float32)
+        mask = data > 0.05 * data.max()
+        brain = np.where(mask, data / data[mask].mean(), 0).astype(np.float32)
+        affine = tpl.affine
+    rows = []
+    for src in sorted(bids.glob("sub-*/**/anat/sub-*.nii.gz")):
+        stem = src.name[: -len(".nii.gz")]
+        prefix, suffix = stem.rsplit("_", 1)
+        pid = prefix.split("_")[0]
+        if suffix not in models or (keep is not None and pid not in keep):
+            continue
+        ses = next((e for e in prefix.split("_") if e.startswith("ses-")), None)
+        age = session_ages.get((pid, ses)) if ses else ages.get(pid)
+        anat = out / src.parent.relative_to(bids)
+        anat.mkdir(parents=True, exist_ok=True)
+        scan_rows = []
+        for name in models[suffix]:
+            pred = round((age if age is not None else 50.0) + float(rng.normal(3.0, 4.0)), 4)
+            scan_rows.append({
+                "participant_id": pid, "session_id": ses,
+                "source_file": src.relative_to(bids).as_posix(), "suffix": suffix, "model": name,
+                "chronological_age": age, "predicted_age": pred, "predicted_age_sd": 6.0,
+                "brain_age_gap": None if age is None else round(pred - age, 4),
+                "lesion_filled": "false", "qc_flags": (flags or {}).get(suffix)})
+        pd.DataFrame(scan_rows, columns=list(COLUMNS)).to_csv(
+            anat / f"{prefix}_desc-brainage_{suffix}.tsv", sep="\t", index=False, na_rep="n/a")
+        low = "low_registration" in str((flags or {}).get(suffix))
+        (anat / f"{prefix}_desc-brainage_{suffix}.json").write_text(json.dumps({
+            "Models": [{"Name": n, "Architecture": "sfcn", "Output": "bins", "Modality": suffix}
+                       for n in models[suffix]],
+            "RegistrationCorrelation": 0.6, "RegistrationMaskDice": 0.80 if low else 0.95,
+            "BrainMaskVolume": {"Value": 1250.0, "Units": "mL"},
+            "QCThresholds": {"RegistrationCorrelationMin": 0.35,
+                             "RegistrationCorrelationApplies": ["T1w"],
+                             "RegistrationMaskDiceMin": 0.85}}))
+        if images:
+            space = "space-MNI152NLin2009aSym"
+            mdesc = "brain" if suffix == "T1w" else f"{suffix.lower()}brain"
+            nib.save(nib.Nifti1Image(brain, affine),
+                     str(anat / f"{prefix}_{space}_desc-preproc_{suffix}.nii.gz"))
+            nib.save(nib.Nifti1Image(mask.astype(np.float32), affine),
+                     str(anat / f"{prefix}_{space}_desc-{mdesc}_mask.nii.gz"))
+            bins = np.arange(6.5, 90, 1.0)
+            dist = [{"model": r["model"], "age": a, "probability": p}
+                    for r in scan_rows
+                    for a, p in zip(bins, np.exp(-0.5 * ((bins - r["predicted_age"]) / 6.0) ** 2)
+                                    / (6.0 * np.sqrt(2 * np.pi)))]
+            pd.DataFrame(dist).to_csv(anat / f"{prefix}_desc-agedist_{suffix}.tsv", sep="\t",
+                                      index=False)
+        rows += scan_rows
+    return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -1,6 +1,9 @@
 """The container and CI files: they parse and keep the promises the README makes about them.
 
-Fast checks only; the image itself is proven by scripts/container-test.sh.
+A static check of the text of the Dockerfile, Singularity.def and the CircleCI config (strings,
+YAML structure), not a container test: nothing is built or run here, so a passing file proves
+nothing about the image. The container test is scripts/container-test.sh, which builds the
+image and runs the app in it.
 """
 from __future__ import annotations
 

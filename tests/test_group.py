@@ -1,17 +1,16 @@
 """Group level end to end: synthetic participant-level outputs with HC/RRMS/NMOSD and EDSS
-follow-up, the stats spec, the command line, and (when present) the real outputs under
-/work/runs."""
+follow-up, the stats spec, the command line, and the clinical data of the real datasets in
+../shared/data (skipped when absent) with participant-level outputs written by the test."""
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import write_tsv
+from conftest import shared_dataset, write_participant_outputs, write_tsv
 
 from brainage_bids.cli.parser import EXIT_USAGE, UsageError
 from brainage_bids.cli.run import main
@@ -20,7 +19,6 @@ from brainage_bids.stats.group import run_group_analyses
 from brainage_bids.stats.spec import ANALYSES, DEFAULTS, load_spec, validate_spec
 from brainage_bids.stats.table import STATS_COLUMNS
 
-RUNS = Path("/work/runs")
 EFFECT = {"HC": 0.0, "NMOSD": 5.0, "RRMS": 10.0}  # true (bias-free) brain-age gap by diagnosis
 SLOPE, INTERCEPT = 0.7, 15.0                      # model bias: predicted = 0.7 * brain age + 15
 LOG_HR = 0.08                                     # hazard of EDSS worsening per year of gap
@@ -421,14 +419,12 @@ def test_cli_no_participant_tables(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# real participant-level outputs
-def _real_run(tmp_path, run: str, dataset: str):
-    src, bids = RUNS / run, Path("/work/shared/data") / dataset
-    if not src.is_dir() or not bids.is_dir():
-        pytest.skip(f"{src} or {bids} not present")
-    out = tmp_path / run
-    shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.nii.gz", "log", "*.html", "figures",
-                                                            "work*"))
+# the real datasets of ../shared/data (participants.tsv, sessions.tsv, scans) with participant-level
+# outputs written by the test (conftest.write_participant_outputs)
+def _group_on_shared(tmp_path, dataset: str, models: dict, participants=None):
+    bids = shared_dataset(dataset)
+    out = tmp_path / "out"
+    rows = write_participant_outputs(bids, out, models, participants=participants)
     code = main([str(bids), str(out), "group", "-w", str(tmp_path / "w")])
     assert code == 0
     stats_dir = out / "group" / "stats"
@@ -436,38 +432,64 @@ def _real_run(tmp_path, run: str, dataset: str):
         assert list(_read(f).columns[:7]) == STATS_COLUMNS, f.name
     skipped = _read(stats_dir / "skipped.tsv")
     assert not skipped["reason"].astype(str).str.startswith("error").any(), skipped
-    return out, skipped
+    return out, rows, skipped
 
 
-@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
-def test_real_acc_ms(tmp_path):
-    out, skipped = _real_run(tmp_path, "acc_ms", "ms-lesjak2018-mni")
+def test_group_on_ms_patients_only(tmp_path):
+    """The 3 MS patients of ms-lesjak2018-mni (T1w, default model): no controls, so no accuracy
+    figures and no bias fit; EDSS at one visit only, so no worsening analyses."""
+    out, rows, skipped = _group_on_shared(tmp_path, "ms-lesjak2018-mni",
+                                          {"T1w": ["ixi-sfcn-2mm"]})
     reasons = dict(zip(skipped["analysis"], skipped["reason"]))
     assert "no healthy controls" in reasons["evaluation"]
     assert "no EDSS follow-up" in reasons["cox_worsening"]
     bias = json.loads((out / "group" / "bias_correction.json").read_text())
-    assert all(f["status"] == "skipped" for f in bias["fits"])
-    assert len(_read(out / "group" / "brainage.tsv")) == 3
+    assert [f["status"] for f in bias["fits"]] == ["skipped"]
+    table = _read(out / "group" / "brainage.tsv")
+    assert len(table) == len(rows) == 3
+    assert table["brain_age_gap_corrected"].isna().all()
+    # the group table carries the participant tables' predictions and the BIDS ages
+    t = table.set_index("participant_id")
+    r = rows.set_index("participant_id")
+    assert t.loc[r.index, "predicted_age"].tolist() == pytest.approx(r["predicted_age"].tolist())
+    assert t.loc[r.index, "chronological_age"].tolist() == [53.0, 47.0, 40.0]
 
 
-@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
-def test_real_acc_ixi(tmp_path):
-    """Three IXI controls of the default model's test split: accuracy is reported on them (they
-    are not training participants), too few for a bias correction."""
-    out, _ = _real_run(tmp_path, "acc_ixi", "ixi-t1-2mm")
+def test_group_on_ixi_test_split(tmp_path):
+    """Three IXI controls of the default model's test split and two of its training split: the
+    accuracy is reported on the three (the two are in-sample, per the packaged model card), too
+    few for a bias correction."""
+    test, train = ["sub-IXI049", "sub-IXI093", "sub-IXI095"], ["sub-IXI012", "sub-IXI014"]
+    out, rows, _ = _group_on_shared(tmp_path, "ixi-t1-2mm", {"T1w": ["ixi-sfcn-2mm"]},
+                                    participants=test + train)
     ev = _read(out / "group" / "stats" / "evaluation.tsv")
-    assert set(ev["n"]) == {3} and set(ev["n_training_excluded"]) == {0}
+    assert set(ev["n"]) == {3} and set(ev["n_training_excluded"]) == {2}
+    held = rows[rows["participant_id"].isin(test)]
+    mae = ev[(ev["term"] == "mae") & (ev["prediction"] == "raw")]["estimate"]
+    assert mae.tolist() == pytest.approx([held["brain_age_gap"].abs().mean()], abs=1e-3)
     fit = json.loads((out / "group" / "bias_correction.json").read_text())["fits"][0]
     assert fit["status"] == "skipped" and "minimum of 10" in fit["reason"]
 
 
-@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
-def test_real_acc_long(tmp_path):
-    out, skipped = _real_run(tmp_path, "acc_long", "ms-lesjak2016-longitudinal")
+def test_group_on_longitudinal_ms(tmp_path):
+    """The 8 T1w scans of ms-lesjak2016-longitudinal (two patients scanned twice): session ages
+    from sessions.tsv, the gap change from the first to the second scan, no EDSS so no worsening
+    analysis."""
+    out, rows, skipped = _group_on_shared(tmp_path, "ms-lesjak2016-longitudinal",
+                                          {"T1w": ["ixi-sfcn-2mm"]})
     reasons = dict(zip(skipped["analysis"], skipped["reason"]))
     assert "edss" in reasons["edss_worsening"]
     table = _read(out / "group" / "brainage.tsv")
-    assert len(table) == 8
+    assert len(table) == len(rows) == 8
+    ages = table.set_index(["participant_id", "session_id"])["chronological_age"]
+    assert ages[("sub-patient03", "ses-2")] == 20.84 and ages[("sub-patient12", "ses-2")] == 19.22
+    lon = _read(out / "group" / "stats" / "gap_longitudinal.tsv").set_index("term")
+    gap = rows.pivot(index="participant_id", columns="session_id",
+                     values="brain_age_gap").dropna()
+    assert sorted(gap.index) == ["sub-patient01", "sub-patient12"]
+    assert lon.loc["change", "n"] == 2
+    assert lon.loc["change", "estimate"] == pytest.approx((gap["ses-2"] - gap["ses-1"]).mean(),
+                                                         abs=1e-3)
 
 
 def test_bias_fit_leaves_out_qc_flagged_controls(tmp_path):

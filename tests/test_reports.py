@@ -1,10 +1,10 @@
-"""Participant and group HTML reports: from a synthetic output folder (always) and from real
-participant-level outputs under /work/runs (skipped when absent). Every file a report references
+"""Participant and group HTML reports: from a synthetic output folder (always) and from the real
+datasets of ../shared/data with participant-level outputs written by the test (skipped when
+absent). Every file a report references
 must exist; flags, errors and partial outputs must show."""
 from __future__ import annotations
 
 import json
-import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import template_image
+from conftest import shared_dataset, template_image, write_participant_outputs
 
 from brainage_bids.interfaces.predict import COLUMNS
 from brainage_bids.reports import qc
@@ -21,8 +21,6 @@ from brainage_bids.reports.data import find_crash_files, find_scans
 from brainage_bids.reports.group import write_group_report, write_reports
 from brainage_bids.reports.participant import write_participant_report
 
-RUNS = Path("/work/runs")
-SHARED_MS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ms-lesjak2018-mni"
 SPACE = "space-MNI152NLin2009aSym"
 
 
@@ -404,37 +402,30 @@ def test_ensemble_sd_is_documented_as_ddof_0():
 
 
 # ---------------------------------------------------------------------------------------------
-# real outputs
-def copy_run(name: str, tmp_path: Path, participants=None) -> Path:
-    src = RUNS / name
-    if not src.is_dir():
-        pytest.skip(f"real participant-level outputs not present ({src} missing)")
-    dst = tmp_path / name
-    keep = set(participants or ())
-
-    def ignore(folder, names):
-        return [n for n in names if keep and Path(folder) == src and n.startswith("sub-")
-                and n not in keep]
-    shutil.copytree(src, dst, ignore=ignore)
-    return dst
-
-
-@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
-def test_reports_from_real_ms_outputs(tmp_path):
-    """3 MS patients (T1w and FLAIR rows) of ms-lesjak2018-mni: participant reports and, after the
-    group level, the group report."""
-    out = copy_run("acc3_ms", tmp_path)
+# the real datasets of ../shared/data with participant-level outputs written by the test
+def test_reports_from_ms_dataset(tmp_path):
+    """The 3 MS patients of ms-lesjak2018-mni (T1w and FLAIR rows, the FLAIR ones flagged
+    low_registration; outputs written by the test): participant reports with the scans as
+    acquired, and after the group level the group report."""
+    bids = shared_dataset("ms-lesjak2018-mni")
+    out = tmp_path / "out"
+    write_participant_outputs(bids, out, {"T1w": ["ixi-sfcn-2mm"],
+                                          "FLAIR": ["flair-brain-age-flair-e3"]},
+                              images=True, flags={"FLAIR": "low_registration"})
     report = write_participant_report(out, "sub-patient07")
-    assert_references_exist(report, min_images=7)
+    paths = assert_references_exist(report, min_images=7)
+    for name in ("sub-patient07_T1w_desc-input.png", "sub-patient07_FLAIR_desc-input.png",
+                 "sub-patient07_T1w_desc-registration.png",
+                 "sub-patient07_FLAIR_desc-brainmask.png", "sub-patient07_T1w_desc-agedist.svg"):
+        assert (out / "sub-patient07" / "figures" / name).resolve() in paths, name
     html = report.read_text()
     assert "flair-brain-age-flair-e3" in html and "ixi-sfcn-2mm" in html
-    assert "low_registration" in html  # the FLAIR rows of this run carry it
-    if not SHARED_MS.is_dir():
-        pytest.skip(f"{SHARED_MS} missing: no group level on the real outputs")
+    assert "low_registration" in html
+    assert "diagnosis: <b>MS</b>" in html  # participants.tsv of the real dataset
     from brainage_bids.stats.group import run_group_analyses
     from brainage_bids.stats.spec import load_spec
 
-    run_group_analyses(SHARED_MS, out, load_spec(None))
+    run_group_analyses(bids, out, load_spec(None))
     written = write_reports(out)
     assert sorted(p.name for p in written) == ["report.html", "sub-patient07.html",
                                                "sub-patient19.html", "sub-patient26.html"]
@@ -444,14 +435,18 @@ def test_reports_from_real_ms_outputs(tmp_path):
     assert "MS (n=3)" in (out / "group" / "report_figures" / "scatter_ixi-sfcn-2mm_T1w.svg"
                           ).read_text()
     assert "Analyses skipped" in html
-    assert "IXI Hammersmith T1w" in html  # the default model's card
+    assert "IXI Hammersmith T1w" in html  # the default model's packaged card
 
 
-@pytest.mark.integration  # needs participant outputs of real runs under /work/runs
-def test_reports_from_real_longitudinal_outputs(tmp_path):
-    """Two-session clinical T1w outputs with an existing group/brainage.tsv (no stats)."""
-    out = copy_run("acc_long", tmp_path, participants=["sub-patient01", "sub-patient12",
-                                                       "group", "dataset_description.json"])
+def test_reports_from_longitudinal_dataset(tmp_path):
+    """Two-session T1w outputs of ms-lesjak2016-longitudinal with an existing
+    group/brainage.tsv (no stats)."""
+    bids = shared_dataset("ms-lesjak2016-longitudinal")
+    out = tmp_path / "out"
+    rows = write_participant_outputs(bids, out, {"T1w": ["ixi-sfcn-2mm"]}, images=True,
+                                     participants=["sub-patient01", "sub-patient12"])
+    (out / "group").mkdir()
+    rows.to_csv(out / "group" / "brainage.tsv", sep="\t", index=False, na_rep="n/a")
     written = write_reports(out, ["patient01"])
     assert [p.name for p in written] == ["sub-patient01.html", "report.html"]
     html = written[0].read_text()
