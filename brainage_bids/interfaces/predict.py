@@ -133,7 +133,33 @@ def model_description(model) -> dict:
     mae = model_mae(getattr(model, "card", None))
     if mae is not None:
         d["MAE"] = mae
+    from ..models.recipes import applied, recipe_for
+
+    recipe = recipe_for(model.input)
+    done = applied(recipe)
+    d["Recipe"] = recipe.as_dict()  # how the model's training images were made
+    d["AppliedPreprocessing"] = done.as_dict()  # what this run did
+    d["RecipeFollowed"] = done == recipe
     return d
+
+
+def model_warnings(model, age: float | None, suffix: str, source: str) -> list[str]:
+    """Why a prediction is outside what ``model`` was trained on: an age outside its
+    training range (zoo or card ``age_range``), another contrast, another preprocessing recipe."""
+    out = []
+    rng = model_age_range(model)
+    if age is not None and rng and not (rng[0] <= age <= rng[1]):
+        out.append(f"{source}: age {age:g} is outside the training ages {rng[0]:g}-{rng[1]:g} "
+                   f"of model {model.name}; its prediction is an extrapolation")
+    if model.modality and model.modality != suffix:
+        out.append(f"{source}: model {model.name} was trained on {model.modality}, not {suffix}")
+    d = model_description(model)
+    if not d["RecipeFollowed"]:
+        out.append(f"{source}: model {model.name} was trained on {d['Recipe']['Template']} "
+                   f"({d['Recipe']['Registration']}; N4 {d['Recipe']['N4']}); this run "
+                   f"registered to {d['AppliedPreprocessing']['Template']} "
+                   f"({d['AppliedPreprocessing']['Registration']}) and resampled")
+    return out
 
 
 def model_mae(card: dict | None) -> dict | None:
@@ -286,6 +312,12 @@ class PredictAge(SimpleInterface):
         models = [load_model(path, device=device, name=names[i] if i < len(names) else None,
                              modality=(modalities[i] or None) if i < len(modalities) else None)
                   for i, path in enumerate(self.inputs.model_files)]
+        import logging
+
+        log = logging.getLogger("brainage_bids.predict")
+        for model in models:
+            for msg in model_warnings(model, age, self.inputs.suffix, self.inputs.source_file):
+                log.warning(msg)
         rows, dist = [], []
         inputs: dict = {}  # raw model input arrays, once per input specification (saliency)
         for filled, image, head_image in conditions:

@@ -69,12 +69,20 @@ class ZooEntry:
     mae: float | None = None  # the publisher's test MAE of this model, years
     mae_test_set: str = ""    # where that MAE was measured
 
+    @property
+    def preprocessing(self):
+        """The entry's :class:`~.recipes.Recipe` (template, image, N4, registration, ...)."""
+        from .recipes import recipe_for
+
+        return None if self.input is None else recipe_for(self.input)
+
     def summary(self) -> dict:
         d = asdict(self)
         d["input"] = None if self.input is None else self.input.as_dict()
         d["members"] = list(self.members)
         d["bins"] = list(self.bins)
         d["age_range"] = list(self.age_range)
+        d["preprocessing"] = None if self.input is None else self.preprocessing.as_dict()
         return d
 
 
