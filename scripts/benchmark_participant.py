@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Per-stage seconds and peak memory of the participant level for one scan, then the whole CLI run.
+"""The necessary parts of the participant level called directly (deepbet, N4 in the mask,
+AffineFast to the 1 mm template, ...), then the whole CLI run on the same scan, and the ratio.
 
-    python scripts/benchmark_participant.py [--scan FILE] [--model FILE] [--threads N]
+    python scripts/benchmark_participant.py [--bids-dir DIR] [--model FILE] [--threads N]
 
-Default scan: ../shared/data/mprage-1mm (1 mm whole-head MPRAGE). Prints a table; writes nothing
-outside a temporary folder.
+Default data: ../shared/data/mprage-1mm (1 mm whole-head MPRAGE). The whole run is broken down
+from its log (OUTPUT_DIR/logs/<run-id>/nipype.log): start-up before the first node, each node's
+own time, the gaps between nodes and what follows the last node (the report). Prints tables;
+writes nothing outside a temporary folder.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -84,9 +88,12 @@ def main() -> int:
                "--model", model_file, "--nprocs", "1", "--omp-nthreads", str(args.threads),
                "-w", str(tmp / "work"), "--skull-strip", "deepbet"]
         t = time.perf_counter()
-        rc = subprocess.run(cmd, capture_output=True, text=True).returncode
+        started = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        rc = proc.returncode
         cli_s = time.perf_counter() - t
         cli_mb = peak_mb(resource.RUSAGE_CHILDREN)
+        breakdown = log_breakdown(out, started, started + cli_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -95,10 +102,56 @@ def main() -> int:
     for name, secs, mb in rows:
         print(f"{name:32s} {secs:8.2f} {mb:12.0f}")
     print(f"{'sum of stages':32s} {total:8.2f}")
+    parts = sum(r[1] for r in rows if r[0] in PARTS)
+    print(f"{'parts (deepbet + N4 + AffineFast)':32s} {parts:8.2f}")
     print(f"\npredicted age {mean[0]:.2f} +/- {sd[0]:.2f} years")
     print(f"whole participant level (CLI, Nipype, exit {rc}): {cli_s:.1f} s, peak RSS of a "
           f"process {cli_mb:.0f} MB")
+    if rc:
+        print(proc.stderr[-3000:])
+    for name, secs in breakdown:
+        print(f"  {name:40s} {secs:8.2f}")
+    print(f"\nratio whole / parts: {cli_s / parts:.2f} (whole / sum of stages: "
+          f"{cli_s / total:.2f})")
     return 0 if rc == 0 else 1
+
+
+PARTS = ("skull strip (deepbet)", "N4 in mask", "affine to MNI (AffineFast)")
+_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (\S+) \w+: (.*)$")
+
+
+def log_breakdown(out: Path, t_start: float, t_end: float) -> list[tuple[str, float]]:
+    """Where the whole run's time went, from its log: start-up, each node, gaps, the end."""
+    from datetime import datetime
+
+    logs = sorted(out.glob("logs/*/nipype.log"))
+    if not logs:
+        return [("(no run log)", 0.0)]
+    events = []
+    for line in logs[-1].read_text().splitlines():
+        m = _LINE.match(line)
+        if not m:
+            continue
+        when = datetime.strptime(m.group(1)[:23], "%Y-%m-%d %H:%M:%S.%f" if "." in m.group(1)
+                                 else "%Y-%m-%d %H:%M:%S").timestamp()
+        msg = m.group(3)
+        setup = re.match(r'\[Node\] Setting-up "([^"]+)"', msg)
+        done = re.match(r'\[Node\] Finished "([^"]+)", elapsed time ([\d.]+)s', msg)
+        if setup:
+            events.append(("start", setup.group(1).rsplit(".", 1)[-1], when, 0.0))
+        elif done:
+            events.append(("end", done.group(1), when, float(done.group(2))))
+    starts = [e for e in events if e[0] == "start"]
+    ends = [e for e in events if e[0] == "end"]
+    if not starts or not ends:
+        return [("(no node in the log)", 0.0)]
+    rows = [("start-up before the first node", starts[0][2] - t_start)]
+    rows += [(f"node {e[1]}", e[3]) for e in ends]
+    busy = sum(e[3] for e in ends)
+    span = ends[-1][2] - starts[0][2]
+    rows.append(("between/around nodes (span - nodes)", span - busy))
+    rows.append(("after the last node (reports, exit)", t_end - ends[-1][2]))
+    return rows
 
 
 if __name__ == "__main__":

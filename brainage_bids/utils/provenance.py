@@ -120,6 +120,11 @@ def load_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
+#: Format of the run's log file (milliseconds, for scripts/benchmark_participant.py).
+LOG_FORMAT = logging.Formatter("%(asctime)s.%(msecs)03d %(name)s %(levelname)s: %(message)s",
+                               "%Y-%m-%d %H:%M:%S")
+
+
 class RunLog:
     """``OUTPUT_DIR/logs/<run-id>/``: ``command.txt``, ``config.json``, ``versions.json``,
     ``nipype.log`` (every log line of the run, Nipype's node messages included),
@@ -145,8 +150,7 @@ class RunLog:
         """Send every log record of the app and of Nipype to ``nipype.log``."""
         handler = logging.FileHandler(self.dir / "nipype.log")
         handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s",
-                                               "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(LOG_FORMAT)
         for name in ("brainage_bids", "nipype.workflow", "nipype.interface", "nipype.utils",
                      "nipype.filemanip"):
             logging.getLogger(name).addHandler(handler)

@@ -22,8 +22,9 @@ def configure() -> None:
     if log_file:
         handler = logging.FileHandler(log_file)
         handler.setLevel(logging.INFO)
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(name)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        from .provenance import LOG_FORMAT
+
+        handler.setFormatter(LOG_FORMAT)
         root.addHandler(handler)
         lib = logging.getLogger("brainage_bids")
         lib.addHandler(handler)
