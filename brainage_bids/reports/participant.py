@@ -102,6 +102,12 @@ def _metrics(sidecar: dict, preproc_meta: dict, suffix: str) -> list[dict]:
         out.append({"name": "brain mask Dice with the template mask", "value": f"{float(dice):.3f}",
                     "status": None if dmin is None else "flag" if float(dice) < dmin else "ok",
                     "note": f"flag below {dmin}" if dmin is not None else ""})
+    soft = preproc_meta.get("SkullStrippingSoftware")
+    if isinstance(soft, dict) and soft.get("Name"):
+        out.append({"name": "skull stripping", "status": None,
+                    "value": " ".join(str(x) for x in (soft["Name"], soft.get("Version")) if x),
+                    "note": (f"{soft['Mode']} mode: {soft.get('ModeDescription', '')}"
+                             if soft.get("Mode") else "")})
     if vol is not None:
         lo, hi = qc.MASK_VOLUME_RANGE_ML
         out.append({"name": "brain mask volume (native space)", "value": f"{float(vol):.0f} mL",

@@ -7,6 +7,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import DerivativesSink
+from ..interfaces.skullstrip import describe as describe_skull_strip
 from ..utils.bids import Scan
 from ..utils.templates import TEMPLATE
 
@@ -48,8 +49,9 @@ def _hold_back(wf, inputnode, sinks) -> None:
 
 
 def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str, gated: bool = False,
-                       name: str = "ds_preproc_wf"):
-    """Write the MNI-space image and brain mask with their sidecars.
+                       hd_bet_mode: str = "fast", name: str = "ds_preproc_wf"):
+    """Write the MNI-space image and brain mask with their sidecars (the skull stripper, its
+    version and, for HD-BET, its mode are named in both).
 
     Inputs: ``preproc``, ``mask``, ``registration_report`` and, with ``gated``, ``after`` (the
     prediction's table): nothing is written unless the prediction succeeded.
@@ -59,12 +61,13 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str, gated: 
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["preproc", "mask", "registration_report", "after"]), name="inputnode")
     common = {"SpatialReference": TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"]}
+    stripper = describe_skull_strip(skull_strip, hd_bet_mode)
     ds_preproc = _sink("ds_preproc", paths["preproc"], {
-        **common, "SkullStripped": True, "SkullStripping": skull_strip,
+        **common, "SkullStripped": True, **stripper,
         "BiasCorrection": "N4 (antspyx) inside the brain mask",
         "Registration": "affine (antspyx AffineFast) to the 1 mm brain template",
         "IntensityNormalisation": "divided by the mean inside the brain mask"})
-    ds_mask = _sink("ds_mask", paths["mask"], {**common, "Type": "Brain"})
+    ds_mask = _sink("ds_mask", paths["mask"], {**common, "Type": "Brain", **stripper})
     wf.connect([
         (inputnode, ds_preproc, [("preproc", "in_file"), ("registration_report", "sidecar_file")]),
         (inputnode, ds_mask, [("mask", "in_file")]),

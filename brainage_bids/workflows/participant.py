@@ -29,7 +29,7 @@ def models_for(scan: Scan, models: list | None) -> list:
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
                  models: list | None, skull_strip: str, device: str, omp_nthreads: int,
                  precision: str = "fast", saliency: bool = False, lesion=None,
-                 name: str | None = None):
+                 hd_bet_mode: str = "fast", name: str | None = None):
     """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
     write its brain-age table.
 
@@ -43,14 +43,14 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
     fill = lesion is not None and not lesion.empty
     preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
                                  skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-                                 source_file=scan.path, head=head,
+                                 source_file=scan.path, head=head, hd_bet_mode=hd_bet_mode,
                                  lesion_mask=lesion.path if fill else None,
                                  lesion_error=lesion.error if fill else "")
     preproc_wf.inputs.inputnode.in_file = scan.path
     # With models, the MNI outputs are written only once the prediction succeeded: a scan that
     # fails later publishes nothing (its crash file says why).
     ds_preproc_wf = init_ds_preproc_wf(scan=scan, output_dir=output_dir, skull_strip=skull_strip,
-                                       gated=bool(models))
+                                       gated=bool(models), hd_bet_mode=hd_bet_mode)
     wf.connect([(preproc_wf, ds_preproc_wf, [
         ("outputnode.preproc", "inputnode.preproc"), ("outputnode.mask", "inputnode.mask"),
         ("outputnode.registration_report", "inputnode.registration_report")])])
@@ -109,7 +109,8 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
                      template: str, template_mask: str, models: list | None,
                      skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
                      precision: str = "fast", saliency: bool = False,
-                     lesion_masks: dict | None = None, name: str = "brainage_wf"):
+                     lesion_masks: dict | None = None, hd_bet_mode: str = "fast",
+                     name: str = "brainage_wf"):
     """The participant level over all selected scans, one sub-workflow per participant.
     ``lesion_masks``: scan path -> utils.lesions.LesionMask (see utils/lesions.py)."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
@@ -121,5 +122,6 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
             participant_id=participant_id, scans=subject_scans, output_dir=output_dir, run_id=run_id,
             template=template, template_mask=template_mask, models=models,
             skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
-            precision=precision, saliency=saliency, lesion_masks=lesion_masks)])
+            precision=precision, saliency=saliency, lesion_masks=lesion_masks,
+            hd_bet_mode=hd_bet_mode)])
     return wf

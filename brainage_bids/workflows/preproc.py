@@ -8,11 +8,12 @@ from nipype.pipeline import engine as pe
 from ..interfaces.ants import ApplyToTemplate, N4InMask, RegisterToTemplate
 from ..interfaces.bids import ValidateImage
 from ..interfaces.lesion import FillLesions, LesionMaskOnGrid, LesionToTemplate
-from ..interfaces.skullstrip import SkullStrip
+from ..interfaces.skullstrip import MEM_GB, SkullStrip
 
 
 def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "deepbet",
                     device: str = "cpu", omp_nthreads: int = 1, source_file: str = "",
+                    hd_bet_mode: str = "fast",
                     head: bool = False, lesion_mask: str | None = None,
                     lesion_error: str = "", name: str = "preproc_wf"):
     """Bring one structural image to MNI152NLin2009aSym (1 mm), brain only, mean 1 in the mask.
@@ -22,6 +23,7 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     template, template_mask : the 1 mm brain template and its mask (see utils.templates).
     skull_strip : ``deepbet``, ``hd-bet`` or ``none`` (input already brain-extracted).
     device : device for deep-learning skull stripping.
+    hd_bet_mode : HD-BET's ``fast`` (one network) or ``accurate`` (five, mirrored) mode.
     omp_nthreads : threads for ITK and PyTorch within one node.
     source_file : the BIDS input, named in error messages.
     head : also bring the bias-corrected whole head to MNI (for models that read the head).
@@ -46,8 +48,8 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
         name="outputnode")
     validate = pe.Node(ValidateImage(), name="validate")
     strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file,
-                               num_threads=omp_nthreads),
-                    name="skull_strip", n_procs=omp_nthreads)
+                               num_threads=omp_nthreads, hd_bet_mode=hd_bet_mode),
+                    name="skull_strip", n_procs=omp_nthreads, mem_gb=MEM_GB[skull_strip])
     n4 = pe.Node(N4InMask(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads)
     register = pe.Node(RegisterToTemplate(template=template, template_mask=template_mask,
                                           num_threads=omp_nthreads),
