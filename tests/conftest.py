@@ -32,6 +32,16 @@ def shared_dataset(name: str) -> Path:
 
 
 @pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty model cache (``$BRAINAGE_BIDS_MODELS``) for the test."""
+    from brainage_bids.models import zoo
+
+    path = tmp_path / "cache"
+    monkeypatch.setenv(zoo.CACHE_ENV, str(path))
+    return path
+
+
+@pytest.fixture
 def shared_data():
     """Return :func:`shared_dataset` (skips when ../shared/data or the dataset is absent)."""
     return shared_dataset

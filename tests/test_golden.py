@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from brainage_bids.cli.run import main
-from brainage_bids.models import zoo
 from brainage_bids.models.checkpoint import (
     FLAIR_BRAIN_AGE_SFCN_INPUT,
     IRV2_FLAIR_INPUT,
@@ -38,13 +37,6 @@ def golden():
     if not path.is_file():
         pytest.skip(f"../shared/reference/golden not present ({path} missing)")
     return json.loads(path.read_text())
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv(zoo.CACHE_ENV, str(path))
-    return path
 
 
 def mismatches(x: np.ndarray, ref: dict) -> list[str]:

@@ -19,13 +19,6 @@ from brainage_bids.utils.images import resample_to_grid
 from conftest import template_image
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv(zoo.CACHE_ENV, str(path))
-    return path
-
-
 def _fsl_image(path, seed=0):
     """A smooth positive blob on the FSL MNI152 1 mm grid (zeros outside)."""
     i, j, k = np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in FSL_MNI_1MM_SHAPE],

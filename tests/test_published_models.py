@@ -22,13 +22,6 @@ from conftest import REFERENCE, TESTS_DATA
 SFCN_NAMES = ("ukb-sfcn", "flair-brain-age-sfcn-t1w", "flair-brain-age-sfcn-flair")
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv(zoo.CACHE_ENV, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def sfcn_file(tmp_path_factory):
     """A random SFCN saved as the FLAIR study's files are (DataParallel, ``module.`` keys)."""

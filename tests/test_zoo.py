@@ -12,13 +12,6 @@ from brainage_bids.models.inception_resnet import InceptionResNetV2
 from brainage_bids.models.sfcn import SFCN, UKB_CHANNELS
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    path = tmp_path / "cache"
-    monkeypatch.setenv(zoo.CACHE_ENV, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def irv2_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("irv2") / "best_MSE_model_inception_flair_r2_e3.pth"
