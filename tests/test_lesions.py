@@ -16,10 +16,10 @@ import pytest
 from conftest import SHARED, template_image
 from scipy import ndimage, stats
 
-from brainage_bids.interfaces.lesion import LesionMaskOnGrid, fill_image, fill_lesions, nawm_mask
+from brainage_bids.interfaces.lesion_filling import LesionMaskOnGrid, fill_image, fill_lesions, nawm_mask
 from brainage_bids.interfaces.predict import COLUMNS, CONTRACT_COLUMNS
 from brainage_bids.utils.bids import BIDSInputError, Scan, collect_scans
-from brainage_bids.utils.lesions import (
+from brainage_bids.utils.lesion_masks import (
     find_lesion_masks,
     mask_on_grid,
     match_lesion_masks,
@@ -210,7 +210,7 @@ def test_fill_lesions_draws_local_nawm_and_touches_nothing_else():
 def phantom(tmp_path_factory):
     """The 2 mm MNI template as a T1w 'patient' (already in MNI coordinates: identity
     transform) with a bright 6 mm blob in deep white matter, filled by :func:`fill_image`."""
-    from brainage_bids.interfaces.lesion import prior_files
+    from brainage_bids.interfaces.lesion_filling import prior_files
 
     tmp = tmp_path_factory.mktemp("phantom")
     img = template_image(2, scale=1000.0)
@@ -475,7 +475,7 @@ def test_group_agreement_skipped_without_filled_rows(tmp_path):
 # workflow graph and command line
 def test_graph_with_lesion_masks(synthetic_bids, tmp_path, random_model):
     from brainage_bids.models.zoo import resolve_request
-    from brainage_bids.utils.lesions import LesionMask
+    from brainage_bids.utils.lesion_masks import LesionMask
     from brainage_bids.utils.templates import get_template
     from brainage_bids.workflows.outputs import derivative_paths
     from brainage_bids.workflows.participant import init_brainage_wf

@@ -504,7 +504,7 @@ def run_participant(opts) -> int:
     template = required_templates(models)[TEMPLATE]
     lesion_masks = None
     if opts.lesion_masks:
-        from ..utils.lesions import match_lesion_masks
+        from ..utils.lesion_masks import match_lesion_masks
 
         lesion_dir = Path(opts.lesion_masks).resolve()  # not a folder: BIDSInputError (66)
         matched = match_lesion_masks(lesion_dir, scans, complete_selection=not (

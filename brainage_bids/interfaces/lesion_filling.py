@@ -2,7 +2,7 @@
 
 Method (native space, on the N4-corrected brain, before resampling and intensity normalisation):
 
-1. Lesion mask on the image grid (:func:`brainage_bids.utils.lesions.mask_on_grid`); lesion voxels
+1. Lesion mask on the image grid (:func:`brainage_bids.utils.lesion_masks.mask_on_grid`); lesion voxels
    outside the brain mask are left alone (they are 0 after skull stripping).
 2. White matter: Atropos (antspyx; Avants et al. 2011, Neuroinformatics 9:381-400) three-class
    mixture model with an MRF prior (smoothing 0.1, radius 1 voxel, 5 iterations), initialised with
@@ -316,13 +316,13 @@ class _MaskOnGridOutputSpec(TraitedSpec):
 
 class LesionMaskOnGrid(SimpleInterface):
     """A lesion mask on the grid of its image (see
-    :func:`~brainage_bids.utils.lesions.mask_on_grid`)."""
+    :func:`~brainage_bids.utils.lesion_masks.mask_on_grid`)."""
 
     input_spec = _MaskOnGridInputSpec
     output_spec = _MaskOnGridOutputSpec
 
     def _run_interface(self, runtime):
-        from ..utils.lesions import mask_on_grid
+        from ..utils.lesion_masks import mask_on_grid
 
         if isdefined(self.inputs.error) and self.inputs.error:
             raise ValueError(self.inputs.error)

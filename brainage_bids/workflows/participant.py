@@ -33,7 +33,7 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
     """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
     write its brain-age table.
 
-    ``lesion`` (utils.lesions.LesionMask): with voxels, the lesions are filled, the filled image
+    ``lesion`` (utils.lesion_masks.LesionMask): with voxels, the lesions are filled, the filled image
     and the MNI lesion mask are written and the table gets lesion-filled rows too; its volume
     goes in ``lesion_volume_ml`` (also for a mask without voxels).
     """
@@ -93,7 +93,7 @@ def init_single_subject_wf(*, participant_id: str, scans: list[Scan], output_dir
                            lesion_masks: dict | None = None, name: str | None = None,
                            **scan_kwargs):
     """All scans of one participant; crash files go to ``sub-<l>/log/<run_id>/``.
-    ``lesion_masks``: scan path -> utils.lesions.LesionMask."""
+    ``lesion_masks``: scan path -> utils.lesion_masks.LesionMask."""
     wf = pe.Workflow(name=name or f"single_subject_{_safe(participant_id[4:])}_wf")
     for scan in scans:
         wf.add_nodes([init_scan_wf(scan=scan, output_dir=output_dir,
@@ -112,7 +112,7 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
                      lesion_masks: dict | None = None, hd_bet_mode: str = "fast",
                      name: str = "brainage_wf"):
     """The participant level over all selected scans, one sub-workflow per participant.
-    ``lesion_masks``: scan path -> utils.lesions.LesionMask (see utils/lesions.py)."""
+    ``lesion_masks``: scan path -> utils.lesion_masks.LesionMask (see utils/lesion_masks.py)."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
     by_subject: dict[str, list[Scan]] = {}
     for scan in scans:

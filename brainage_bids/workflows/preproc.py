@@ -7,7 +7,7 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.ants import ApplyToTemplate, N4InMask, RegisterToTemplate
 from ..interfaces.bids import ValidateImage
-from ..interfaces.lesion import FillLesions, LesionMaskOnGrid, LesionToTemplate
+from ..interfaces.lesion_filling import FillLesions, LesionMaskOnGrid, LesionToTemplate
 from ..interfaces.skullstrip import MEM_GB, SkullStrip
 
 
@@ -28,7 +28,7 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     source_file : the BIDS input, named in error messages.
     head : also bring the bias-corrected whole head to MNI (for models that read the head).
     lesion_mask : a lesion mask drawn on this image (any grid in the image's world space): its
-        lesions are filled in native space after N4 (interfaces/lesion.py) and the filled image
+        lesions are filled in native space after N4 (interfaces/lesion_filling.py) and the filled image
         follows the raw image's transform and normalisation.
     lesion_error : why ``lesion_mask`` cannot be used (e.g. an ambiguous match): the lesion node
         fails with it, so this scan fails with a clear message.
