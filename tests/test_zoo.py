@@ -22,7 +22,7 @@ def irv2_file(tmp_path_factory):
 def test_every_entry_is_described():
     for entry in zoo.REGISTRY.values():
         assert entry.arch in ("sfcn", "irv2", "densenet169", "ensemble")
-        assert entry.modality in ("T1w", "FLAIR")
+        assert entry.contrasts and set(entry.contrasts) <= {"T1w", "FLAIR", "T2w"}
         assert entry.recipe and entry.licence and entry.citation
         assert entry.output in ("bins", "scalar", "ensemble")
         if entry.members:
@@ -31,7 +31,7 @@ def test_every_entry_is_described():
             assert entry.url.startswith("https://") and entry.filename
         json.dumps(entry.summary())
     for modality, name in zoo.DEFAULT_MODELS.items():
-        assert zoo.get_entry(name).modality == modality
+        assert modality in zoo.get_entry(name).contrasts
 
 
 def test_cache_dir_from_environment(cache, monkeypatch):

@@ -70,8 +70,9 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                      help="sessions to process (ses- optional)")
     sel.add_argument("--bids-filter-file", metavar="FILE",
                      help='JSON of PyBIDS filters for the "t1w" and "flair" queries, as in fMRIPrep')
-    sel.add_argument("--modalities", nargs="+", choices=("T1w", "FLAIR"), default=["T1w"],
-                     help="image types to process (train: the modality of the model)")
+    sel.add_argument("--modalities", nargs="+", choices=("T1w", "FLAIR", "T2w"), default=["T1w"],
+                     help="image types to process (train: the modality of the model; T2w is "
+                          "read by the contrast-agnostic ixi-synth-sfcn-2mm only)")
     sel.add_argument("--skip-bids-validation", action="store_true",
                      help="do not check file names and dataset_description.json")
 
@@ -96,9 +97,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     proc = p.add_argument_group("processing")
     proc.add_argument("--model", nargs="+", metavar="NAME|FILE[:MODALITY]",
                       help="zoo models (`brainage-bids models list`) or checkpoint files; each runs "
-                           "on the scans of its modality (append :T1w or :FLAIR to override); with "
-                           "several, a row model=ensemble is added (default: ixi-sfcn-2mm for T1w, "
-                           "flair-brain-age-flair for FLAIR)")
+                           "on the scans of its modality, a contrast-agnostic one on each it reads "
+                           "(append :T1w, :FLAIR or :T2w to override); with several, a row "
+                           "model=ensemble is added (default: ixi-sfcn-2mm for T1w, "
+                           "flair-brain-age-flair for FLAIR, else ixi-synth-sfcn-2mm when that is "
+                           "installed and the published one is not; ixi-synth-sfcn-2mm for T2w)")
     proc.add_argument("--precision", choices=("fast", "fp32", "bf16"), default="fast",
                       help="fast: float32 (channels_last_3d on CPU, same ages; plain on CUDA); "
                            "bf16: bfloat16 autocast (CPU: 2-4x faster, ages move up to "
@@ -175,6 +178,16 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                          "SFCN, as published, 0.2 for IRV2)")
     tr.add_argument("--augment-probability", type=float, default=0.5, metavar="P",
                     help="probability of each augmentation family per training image")
+    tr.add_argument("--synth", action="store_true",
+                    help="train a contrast-agnostic model (for T1w, FLAIR and T2w) on images "
+                         "synthesised on the fly from each training T1w scan's tissue maps, with "
+                         "random contrast, 1-6 mm slices, bias, noise and affine (models/synth.py; "
+                         "tissue maps cached in the work dir, ~30 s per scan once); --augment is "
+                         "not used; validation, out-of-fold and test figures are on the real T1w "
+                         "images")
+    tr.add_argument("--synth-real-probability", type=float, default=0.0, metavar="P",
+                    help="--synth: probability that a training sample is the scan's real T1w "
+                         "image (through the same resolution, bias, noise and affine steps)")
     return p
 
 
@@ -223,6 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.test_fraction is None:
         opts.test_fraction = 0.0 if opts.ensemble_mode == "cv" else 0.2
     opts.augment = resolve_augment(opts.augment)
+    if not 0 <= opts.synth_real_probability <= 1:
+        raise UsageError("--synth-real-probability must lie in [0, 1]")
     return opts
 
 

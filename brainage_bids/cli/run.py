@@ -386,17 +386,19 @@ def stop_run_log(log) -> None:
 def resolve_models(opts) -> list:
     """The models to run (zoo.ModelRequest), checked before any work starts.
 
-    Every selected modality needs a model: the ``--model`` ones of that modality (or of unknown
-    modality), else the zoo default of the modality. A missing model is a usage error naming the
-    URL and the install command.
+    Every selected modality needs a model: the ``--model`` ones that read it (of that modality,
+    contrast-agnostic or of unknown modality), else the zoo default of the modality
+    (``zoo.default_request``, run on that modality only). A missing model is a usage error
+    naming the URL and the install command.
     """
-    from ..models.zoo import DEFAULT_MODELS, ModelNotInstalled, resolve_request
+    from ..models.checkpoint import contrasts_of, reads_contrast
+    from ..models.zoo import ModelNotInstalled, default_request, resolve_request
 
     try:
         requests = [resolve_request(v) for v in (opts.model or [])]
         for modality in opts.modalities:
-            if not any(r.modality in (modality, None) for r in requests):
-                requests.append(resolve_request(DEFAULT_MODELS[modality]))
+            if not any(reads_contrast(r.modality, modality) for r in requests):
+                requests.append(default_request(modality))
     except (ModelNotInstalled, FileNotFoundError, ValueError) as exc:
         raise UsageError(str(exc), EXIT_NO_INPUT) from exc
     except Exception as exc:  # noqa: BLE001 - e.g. a text file given as a checkpoint
@@ -405,9 +407,9 @@ def resolve_models(opts) -> list:
         raise UsageError(f"{what}: not a readable model checkpoint ({type(exc).__name__}: "
                          f"{' '.join(str(exc).split()) or 'unreadable'})", EXIT_DATA) from exc
     for r in requests:
-        if r.modality is not None and r.modality not in opts.modalities:
+        if r.modality and not set(contrasts_of(r.modality)) & set(opts.modalities):
             LOG.warning("model %s (%s) has no %s scans to run on; add --modalities %s", r.name,
-                        r.modality, r.modality, r.modality)
+                        r.modality, r.modality, " ".join(contrasts_of(r.modality)))
     return requests
 
 

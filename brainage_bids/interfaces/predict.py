@@ -31,7 +31,7 @@ COLUMN_DESCRIPTIONS = {
     "session_id": {"Description": "BIDS session label (ses-<label>), n/a without sessions"},
     "source_file": {"Description": "input image, relative to the BIDS dataset root"},
     "suffix": {"Description": "BIDS suffix of the input image (modality)",
-               "Levels": {"T1w": "T1-weighted", "FLAIR": "T2-FLAIR"}},
+               "Levels": {"T1w": "T1-weighted", "FLAIR": "T2-FLAIR", "T2w": "T2-weighted"}},
     "model": {"Description": "name of the brain-age model that produced the row"},
     "chronological_age": {"Description": "age at the scan, from sessions.tsv (age column) when present, "
                                          "else participants.tsv", "Units": "year"},
@@ -124,8 +124,12 @@ def write_table(rows: list[dict], path: str) -> None:
 
 
 def model_description(model) -> dict:
+    from ..models.checkpoint import contrasts_of
+
     d = {"Name": model.name, "Architecture": model.arch, "SHA256": model.sha256,
-         "Modality": model.modality, "Output": model.output,
+         "Modality": model.modality, "Contrasts": list(contrasts_of(model.modality)) or None,
+         "TrainedOn": (getattr(model, "card", None) or {}).get("trained_on", "real"),
+         "Output": model.output,
          "InputShape": list(model.input.shape), "InputVoxelSize": model.input.voxel_size,
          "InputImage": model.input.image, "Normalisation": model.input.normalisation}
     if model.centres is not None:
@@ -151,7 +155,9 @@ def model_warnings(model, age: float | None, suffix: str, source: str) -> list[s
     if age is not None and rng and not (rng[0] <= age <= rng[1]):
         out.append(f"{source}: age {age:g} is outside the training ages {rng[0]:g}-{rng[1]:g} "
                    f"of model {model.name}; its prediction is an extrapolation")
-    if model.modality and model.modality != suffix:
+    from ..models.checkpoint import reads_contrast
+
+    if not reads_contrast(model.modality, suffix):
         out.append(f"{source}: model {model.name} was trained on {model.modality}, not {suffix}")
     d = model_description(model)
     if not d["RecipeFollowed"]:
@@ -283,7 +289,7 @@ class PredictAge(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from ..models.checkpoint import load_model
+        from ..models.checkpoint import load_model, reads_contrast
         from ..models.inference import ensemble, model_input, predict_arrays, resolve_device
 
         torch.set_num_threads(max(1, self.inputs.num_threads))
@@ -333,7 +339,7 @@ class PredictAge(SimpleInterface):
                 flags += _qc.scan_flags(predicted_age_sd=sd[0],
                                         reference_sd=_qc.reference_sd(model.card),
                                         mask_volume_ml=vol)
-                if model.modality and model.modality != self.inputs.suffix:
+                if not reads_contrast(model.modality, self.inputs.suffix):
                     flags.append("model_modality_mismatch")
                 all_flags.update(flags)
                 rows.append(brainage_row(model=model.name, predicted=mean[0], sd=sd[0],

@@ -2,7 +2,8 @@
 
 Our format is a ``torch.save`` dict::
 
-    {"format": "brainage-bids", "arch": "sfcn" | "irv2", "name": ..., "modality": "T1w" | "FLAIR",
+    {"format": "brainage-bids", "arch": "sfcn" | "irv2", "name": ...,
+     "modality": "T1w" | "FLAIR" | "T1w+FLAIR+T2w" (contrast-agnostic, see contrasts_of),
      "config": {...}, "input": InputSpec as dict, "card": {...}, "state_dict": {...}}
 
 with ``config`` holding ``channels`` and ``bins`` [lo, hi, width] for SFCN.
@@ -41,6 +42,19 @@ NORMALISATIONS = ("mask_mean", "volume_mean", "flair_brain_age", "ukb_sfcn",
 IMAGES = ("brain", "head")
 ARCHS = ("sfcn", "irv2")
 PUBLISHED_ARCHS = ("sfcn", "irv2", "densenet169")  # layouts of published plain state_dicts
+CONTRASTS = ("T1w", "FLAIR", "T2w")  # image suffixes a model can read
+
+
+def contrasts_of(modality: str | None) -> tuple[str, ...]:
+    """The contrasts a model's ``modality`` names: one (``T1w``), or several joined by ``+``
+    for a contrast-agnostic model (``T1w+FLAIR+T2w``); () when unknown (None or "")."""
+    return tuple(m for m in (modality or "").split("+") if m)
+
+
+def reads_contrast(modality: str | None, suffix: str) -> bool:
+    """Whether a model of ``modality`` applies to images of ``suffix`` (unknown: yes)."""
+    found = contrasts_of(modality)
+    return not found or suffix in found
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,12 @@ class LoadedModel:
     sha256: str
     path: str
     card: dict = field(default_factory=dict)
-    modality: str | None = None  # T1w, FLAIR, or None when the file does not say
+    modality: str | None = None  # T1w, FLAIR, T1w+FLAIR+T2w, or None when the file does not say
+
+    @property
+    def contrasts(self) -> tuple[str, ...]:
+        """The contrasts the model applies to (() when unknown)."""
+        return contrasts_of(self.modality)
 
     @property
     def output(self) -> str:

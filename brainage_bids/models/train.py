@@ -3,6 +3,12 @@
 Training reads the participant-level outputs (MNI image and brain mask per scan), so the model sees
 exactly the preprocessing it will be applied to. Participants are split once, with a fixed seed and
 stratified by age, into train / validation / test; the test split is only scored after training.
+
+``--synth`` trains a contrast-agnostic model: every training batch is synthesised on the fly
+(:mod:`~brainage_bids.models.synth`, random contrast, resolution and artefacts) from the tissue
+maps of the training scans (:mod:`~brainage_bids.models.anatomy`, cached in the work dir), and
+BatchNorm statistics come from one fixed synthetic image per training scan. Validation, epoch
+selection, out-of-fold and test figures are always on the REAL T1w images.
 """
 from __future__ import annotations
 
@@ -219,7 +225,8 @@ def _card_markdown(card: dict) -> str:
            "the ensemble age is the members' mean."] if ens["size"] > 1 else []), "",
         "## Training data",
         f"- Dataset: {card['training_data']['dataset']} ({card['training_data']['bids_dir']}), "
-        f"{card['modality']} images",
+        f"{card['modality'] if not card.get('synthesis') else 'T1w'} images",
+        *_synthesis_lines(card),
         f"- Participants: {card['training_data']['selection']}",
         f"{split_text}; ages {card['age_range'][0]:.1f}-{card['age_range'][1]:.1f} years",
         "",
@@ -249,8 +256,9 @@ def _card_markdown(card: dict) -> str:
           if ens["size"] > 1 else []),
         "## Training", f"- {card['epochs']} epochs per member (best validation epoch kept), "
         f"batch {card['batch_size']}, AdamW lr {card['learning_rate']:g} (cosine), weight decay "
-        f"{card['weight_decay']:g}, augmentation: {_augmentation_text(card.get('augmentation'))}; "
-        "BatchNorm statistics recomputed over the training scans before each evaluation; the epoch "
+        f"{card['weight_decay']:g}, augmentation: "
+        f"{'the synthesis above' if card.get('synthesis') else _augmentation_text(card.get('augmentation'))}; "
+        f"BatchNorm statistics recomputed over the training scans{' (one fixed synthetic image each)' if card.get('synthesis') else ''} before each evaluation; the epoch "
         "is selected among the second half of training.",
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
@@ -265,6 +273,26 @@ def _card_markdown(card: dict) -> str:
     if card.get("notes"):
         lines[-1:-1] = ["## Notes", *[f"- {n}" for n in card["notes"]], ""]
     return "\n".join(lines) + "\n"
+
+
+def _synthesis_lines(card: dict) -> list[str]:
+    """Markdown lines of a model trained on synthetic images (``--synth``)."""
+    s = card.get("synthesis")
+    if not s:
+        return []
+    return [
+        "- **Trained on synthetic images** (`--synth`): every training image was synthesised on "
+        "the fly from the tissue maps (CSF, GM, WM, deep GM; prior-guided Atropos) of the "
+        "training scans, with random contrast (T1w-, T2w-, FLAIR-like or random tissue "
+        "intensities, weights " + "/".join(f"{w:g}" for w in s["contrast_weights"]) + "), "
+        f"partial-volume mixing, {s['thickness_mm'][0]:g}-{s['thickness_mm'][1]:g} mm slices "
+        f"along a random axis (probability {s['resolution_probability']:g}), bias field "
+        f"({s['bias_probability']:g}), noise ({s['noise_probability']:g}) and a small affine "
+        f"({s['affine_probability']:g}); real T1w images mixed in with probability "
+        f"{s['real_probability']:g} (see `brainage_bids/models/synth.py`).",
+        f"- Applies to: {', '.join(card['modalities'])} (contrast-agnostic).",
+        f"- Every figure below is on {s['evaluated_on']}.",
+    ]
 
 
 def _augmentation_text(aug: dict | None) -> str:
@@ -346,10 +374,23 @@ def first_selection_epoch(epochs: int) -> int:
     return epochs // 2
 
 
+def synth_options(opts):
+    """The :class:`~brainage_bids.models.synth.SynthOptions` of ``--synth`` (None without it)."""
+    if not getattr(opts, "synth", False):
+        return None
+    from .synth import SynthOptions
+
+    return SynthOptions(real_probability=float(getattr(opts, "synth_real_probability", 0.0)))
+
+
 def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts, seed: int,
-               run_dir: Path, device: str, centres, label: str):
+               run_dir: Path, device: str, centres, label: str, probs_train=None):
     """Train one network, keep the epoch of the second half with the lowest validation MAE;
     resumable.
+
+    With ``probs_train`` (tissue maps of the training scans, ``--synth``) every batch is
+    synthesised from them instead of augmenting ``x_train`` (the real images, which enter a
+    synthetic batch only through ``--synth-real-probability``).
 
     Returns (network with the best weights, best epoch (1-based), history, validation predictions
     of the last epoch (ages, SDs): the figures of a member whose epoch was not selected on them).
@@ -372,11 +413,20 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "dropout": dropout, "loss": getattr(opts, "loss", "kl"),
                  "augment": list(getattr(opts, "augment", ("legacy",))),
                  "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
+                 "synth": None if synth_options(opts) is None else synth_options(opts).as_dict(),
                  "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
                            "from the second half"}
     families = tuple(getattr(opts, "augment", ("legacy",)))
     probability = float(getattr(opts, "augment_probability", 0.5))
     first_eval = first_selection_epoch(opts.epochs)
+    synth = synth_options(opts) if probs_train is not None else None
+    x_norm = x_train  # images BatchNorm statistics are recomputed over
+    if synth is not None:
+        from .synth import synth_batch
+
+        # one fixed synthetic image per training scan (its own seed: resuming draws the same)
+        x_norm = synth_batch(probs_train, np.random.default_rng(seed + 10_000), synth,
+                             opts.voxel_size, real=x_train).numpy()
     start_epoch, best, history = 0, {"mae": math.inf, "epoch": -1}, []
     last_pred = (np.full(len(y_val), np.nan), np.full(len(y_val), np.nan))
     if state_file.exists():
@@ -405,8 +455,12 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
             idx = order[i:i + opts.batch_size]
             if len(idx) < min(opts.batch_size, n_train):  # drop the incomplete last batch
                 continue
-            xb = augment_train_batch(torch.from_numpy(x_train[idx]), rng, families, probability,
-                                     opts.voxel_size).to(device)
+            if synth is not None:
+                xb = synth_batch(probs_train[idx], rng, synth, opts.voxel_size,
+                                 real=x_train[idx]).to(device)
+            else:
+                xb = augment_train_batch(torch.from_numpy(x_train[idx]), rng, families,
+                                         probability, opts.voxel_size).to(device)
             if device == "cpu":
                 xb = xb.contiguous(memory_format=torch.channels_last_3d)
             yb = torch.from_numpy(y_train[idx]).to(device)
@@ -420,7 +474,7 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
         entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan"),
                  "val_mae": None}
         if epoch >= first_eval:
-            recompute_batchnorm(net, x_train, device)
+            recompute_batchnorm(net, x_norm, device)
             pred, sd = predict_net(arch, net, x_val, centres, device)
             entry["val_mae"] = metrics(y_val, pred)["mae"]
             if epoch == opts.epochs - 1:
@@ -485,6 +539,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         raise UsageError("train one modality at a time: --modalities T1w or --modalities FLAIR")
     modality = opts.modalities[0]
     arch = getattr(opts, "arch", "sfcn")
+    synth = synth_options(opts)
+    if synth is not None and modality != "T1w":
+        from ..cli.parser import UsageError
+        raise UsageError("--synth reads the T1w scans (tissue maps to synthesise from, real images "
+                         "to validate on): use --modalities T1w")
 
     examples = find_examples(bids_dir, output_dir, opts)
     by_pid: dict[str, list[Example]] = {}
@@ -513,6 +572,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     rows = lambda ids: [e for p in ids for e in by_pid[p]]  # noqa: E731
     pool = rows(rest)
     x_pool = load_arrays(pool, spec, cache)
+    probs_pool = None
+    if synth is not None:
+        from .anatomy import load_anatomy
+
+        probs_pool = load_anatomy(pool, x_pool, spec, cache, threads=opts.omp_nthreads)
     y_pool = np.array([e.age for e in pool], dtype=np.float32)
     index = {id(e): i for i, e in enumerate(pool)}
     test = rows(test_ids)
@@ -531,7 +595,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         va = [index[id(e)] for e in rows(m["validation"])]
         net, best_epoch, history, (last_pred, last_sd) = fit_member(
             arch, config, x_pool[tr], y_pool[tr], x_pool[va], y_pool[va], opts=opts, seed=m["seed"],
-            run_dir=work_dir / f"train_{label}", device=device, centres=centres, label=label)
+            run_dir=work_dir / f"train_{label}", device=device, centres=centres, label=label,
+            probs_train=None if probs_pool is None else probs_pool[tr])
         val_pred, val_sd = predict_net(arch, net, x_pool[va], centres, device)
         for j, p, sd, lp in zip(va, val_pred, val_sd, last_pred):
             e = pool[j]
@@ -584,9 +649,14 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
 
     all_ages = y_pool
     net0 = members[0]["net"]
+    from .synth import APPLIES_TO
+
+    weights_modality = "+".join(APPLIES_TO) if synth is not None else modality
     card = {
         "name": opts.model_name, "architecture": "SFCN" if arch == "sfcn" else
-        "3D Inception-ResNet-V2", "arch": arch, "modality": modality,
+        "3D Inception-ResNet-V2", "arch": arch, "modality": weights_modality,
+        "modalities": list(APPLIES_TO) if synth is not None else [modality],
+        "trained_on": "synthetic" if synth is not None else "real",
         "software_version": __version__,
         "training_data": {"dataset": _dataset_name(bids_dir), "bids_dir": str(bids_dir),
                           "selection": _selection_text(bids_dir, opts)},
@@ -609,13 +679,17 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "members": [{k: v for k, v in m.items() if k != "net"} for m in members],
         "augmentation": {"families": list(getattr(opts, "augment", ("legacy",))),
                          "probability": float(getattr(opts, "augment_probability", 0.5))},
+        "synthesis": None if synth is None else {
+            **synth.as_dict(), "tissue_maps": "models/anatomy.py (prior-guided Atropos; CSF, GM, "
+            "WM, deep GM)", "evaluated_on": f"real {modality} images (no synthesis)"},
         "dropout": getattr(opts, "dropout", None), "loss": getattr(opts, "loss", "kl"),
         "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
         "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
         "weight_decay": opts.weight_decay, "seed": opts.seed, "device": device,
         "training_seconds": time.time() - t0, "history": members[0]["history"], "command": command,
     }
-    small_card = {k: card[k] for k in ("name", "age_range", "age_bins", "training_data", "modality")}
+    small_card = {k: card[k] for k in ("name", "age_range", "age_bins", "training_data", "modality",
+                                       "modalities", "trained_on")}
     small_card["test_mae"] = results["test"]["mae"]
     files = []
     for m in members:
@@ -625,7 +699,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
                       test={k: v for k, v in m["test"].items() if k != "predictions"},
                       validation=m["validation"])
         digest = save_checkpoint(f, m["net"], m["name"], config, spec, m_card, arch=arch,
-                                 modality=modality)
+                                 modality=weights_modality)
         files.append(f)
         card["members"][members.index(m)]["sha256"] = digest
     if len(members) == 1:
@@ -633,7 +707,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         card["weights"] = str(files[0])
     else:
         manifest = out_dir / f"{opts.model_name}.json"
-        write_ensemble_manifest(manifest, opts.model_name, modality, files)
+        write_ensemble_manifest(manifest, opts.model_name, weights_modality, files)
         card["weights"] = str(manifest)
     oof_df = pd.DataFrame(oof, columns=["participant_id", "session_id", "suffix", "model",
                                         "chronological_age", "predicted_age", "predicted_age_sd",

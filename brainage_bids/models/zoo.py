@@ -5,6 +5,12 @@ entry and registered with ``brainage-bids models install NAME --from FILE``, whi
 file's layout by strict loading (and its sha256 when the entry records one) and copies it into the
 cache: ``$BRAINAGE_BIDS_MODELS`` if set, else ``$XDG_CACHE_HOME/brainage-bids/models`` (default
 ``~/.cache/brainage-bids/models``).
+
+An entry's ``modality`` is the contrast its weights were trained on, or several joined by ``+``
+for a contrast-agnostic model trained on synthetic images (``T1w+FLAIR+T2w``, see
+:func:`~brainage_bids.models.checkpoint.contrasts_of`). The default model of a contrast is
+:func:`default_model`'s: for FLAIR the published ensemble when installed, else our
+contrast-agnostic ensemble when installed.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .checkpoint import (
+    CONTRASTS,
     FLAIR_BRAIN_AGE_SFCN_BINS,
     FLAIR_BRAIN_AGE_SFCN_INPUT,
     FORMAT,
@@ -22,6 +29,7 @@ from .checkpoint import (
     UKB_BINS,
     UKB_INPUT,
     InputSpec,
+    contrasts_of,
     detect_layout,
     mni_box_grid,
     sha256sum,
@@ -42,6 +50,11 @@ FLAIR_BRAIN_AGE_SFCN_RECIPE = ("skull strip; affine to the FSL MNI152 1 mm templ
                                "centre crop 160x192x160")
 FLAIR_BRAIN_AGE_TEST_SET = "FLAIR-Brain-Age held-out test set (n=174)"
 IXI_GRID = mni_box_grid(2.0)
+SYNTH_MODEL = "ixi-synth-sfcn-2mm"
+SYNTH_MODALITY = "T1w+FLAIR+T2w"
+SYNTH_MEMBERS = 5
+SYNTH_RECIPE = ("skull strip (deepbet); N4 in the mask; affine to MNI152NLin2009aSym; divided by "
+                "the mean in the brain mask; 2 mm 80x96x80 grid; any of T1w, FLAIR, T2w")
 
 
 class ModelNotInstalled(LookupError):
@@ -52,7 +65,7 @@ class ModelNotInstalled(LookupError):
 class ZooEntry:
     name: str
     arch: str                 # sfcn | irv2 | densenet169 | ensemble
-    modality: str             # T1w | FLAIR
+    modality: str             # T1w | FLAIR | T2w, or several joined by "+" (contrast-agnostic)
     output: str               # bins | scalar | ensemble
     recipe: str               # preprocessing the weights expect
     input: InputSpec | None
@@ -83,7 +96,13 @@ class ZooEntry:
         d["bins"] = list(self.bins)
         d["age_range"] = list(self.age_range)
         d["preprocessing"] = None if self.input is None else self.preprocessing.as_dict()
+        d["contrasts"] = list(self.contrasts)
         return d
+
+    @property
+    def contrasts(self) -> tuple[str, ...]:
+        """The image contrasts the entry applies to."""
+        return contrasts_of(self.modality)
 
 
 def _flair_member(epoch: int) -> ZooEntry:
@@ -114,6 +133,17 @@ def _flair_study_model(arch: str, modality: str, filename: str, mae: float) -> Z
 
 
 FLAIR_EPOCHS = (3, 4, 6, 7, 10)
+
+
+def _synth_member(k: int) -> ZooEntry:
+    return ZooEntry(
+        name=f"{SYNTH_MODEL}-m{k}", arch="sfcn", modality=SYNTH_MODALITY, output="bins",
+        recipe=SYNTH_RECIPE, input=InputSpec(*IXI_GRID, normalisation="mask_mean"),
+        licence="Apache-2.0 (weights trained on images synthesised from IXI, CC BY-SA 3.0)",
+        citation="brainage-bids; IXI dataset (brain-development.org); domain randomisation after "
+                 "SynthSeg (Billot et al. 2023) and SynthBA (Puglisi et al. 2024)",
+        bundled=f"{SYNTH_MODEL}-m{k}.pt",
+        notes=f"cross-validation fold {k} of {SYNTH_MODEL}")
 
 REGISTRY: dict[str, ZooEntry] = {e.name: e for e in [
     ZooEntry(
@@ -148,9 +178,21 @@ REGISTRY: dict[str, ZooEntry] = {e.name: e for e in [
         citation=FLAIR_BRAIN_AGE_CITATION, url=FLAIR_BRAIN_AGE_URL,
         members=tuple(f"flair-brain-age-flair-e{e}" for e in FLAIR_EPOCHS), mae=2.81,
         mae_test_set=FLAIR_BRAIN_AGE_TEST_SET, notes="default FLAIR model: the published 5-model ensemble (test MAE 2.81)"),
+    *[_synth_member(k) for k in range(1, SYNTH_MEMBERS + 1)],
+    ZooEntry(
+        name=SYNTH_MODEL, arch="ensemble", modality=SYNTH_MODALITY, output="ensemble",
+        recipe=SYNTH_RECIPE, input=InputSpec(*IXI_GRID, normalisation="mask_mean"),
+        licence="Apache-2.0 (weights trained on images synthesised from IXI, CC BY-SA 3.0)",
+        citation="brainage-bids; IXI dataset (brain-development.org)",
+        members=tuple(f"{SYNTH_MODEL}-m{k}" for k in range(1, SYNTH_MEMBERS + 1)),
+        notes="contrast-agnostic SFCN ensemble (5 CV folds) trained on synthetic images of "
+              "random contrast made from the IXI controls' anatomy (train --synth); default for "
+              "T2w, and for FLAIR when flair-brain-age-flair is not installed; CV MAE on real "
+              "IXI T1w in its model card"),
 ]}
 
-DEFAULT_MODELS = {"T1w": "ixi-sfcn-2mm", "FLAIR": "flair-brain-age-flair"}
+#: The default model of each contrast; FLAIR falls back to SYNTH_MODEL (see default_model).
+DEFAULT_MODELS = {"T1w": "ixi-sfcn-2mm", "FLAIR": "flair-brain-age-flair", "T2w": SYNTH_MODEL}
 
 
 def cache_dir() -> Path:
@@ -173,6 +215,40 @@ def installed_path(entry: ZooEntry) -> Path | None:
         return PACKAGE_MODELS / entry.bundled
     path = cache_dir() / f"{entry.name}.pt"
     return path if path.exists() else None
+
+
+def is_installed(name: str) -> bool:
+    """Whether every weights file of a zoo model (each member of an ensemble) is present."""
+    return all(installed_path(e) is not None for e in members(name))
+
+
+def default_model(modality: str) -> str:
+    """The zoo model run on ``modality`` images when no ``--model`` covers them:
+    :data:`DEFAULT_MODELS`, except FLAIR without the published ensemble installed, which gets
+    the contrast-agnostic :data:`SYNTH_MODEL` when that is installed."""
+    if modality not in DEFAULT_MODELS:
+        raise KeyError(f"no default model for {modality!r} (known: {', '.join(DEFAULT_MODELS)})")
+    name = DEFAULT_MODELS[modality]
+    if modality == "FLAIR" and not is_installed(name) and is_installed(SYNTH_MODEL):
+        return SYNTH_MODEL
+    return name
+
+
+def default_request(modality: str) -> "ModelRequest":
+    """The default model of ``modality`` as a request run on that contrast only (a
+    contrast-agnostic default of FLAIR does not also run on the T1w scans). ModelNotInstalled
+    names what to install."""
+    name = default_model(modality)
+    try:
+        return resolve_request(f"{name}:{modality}")
+    except ModelNotInstalled as exc:
+        if modality != "FLAIR" or name == SYNTH_MODEL:
+            raise
+        raise ModelNotInstalled(
+            f"{exc}; or, without the published weights, install the contrast-agnostic "
+            f"{SYNTH_MODEL} (its members {SYNTH_MODEL}-m1..m{SYNTH_MEMBERS}, `brainage-bids "
+            f"models install {SYNTH_MODEL}-m1 --from FILE`, ...), which then becomes the FLAIR "
+            "default") from None
 
 
 def install_hint(entry: ZooEntry) -> str:
@@ -274,8 +350,9 @@ def listing() -> list[dict]:
 class ModelRequest:
     """One ``--model`` argument resolved.
 
-    ``modality`` is the scans it runs on (None: every selected modality); ``members`` are
-    (row name, weights path, modality the weights were trained on or "" when unknown).
+    ``modality`` is the scans it runs on (None: every selected modality; ``T1w+FLAIR+T2w``:
+    each of those); ``members`` are (row name, weights path, modality the weights were trained
+    on or "" when unknown).
     """
 
     name: str
@@ -285,11 +362,11 @@ class ModelRequest:
 
 
 def resolve_request(value: str) -> ModelRequest:
-    """A ``--model`` value: a zoo name, or a checkpoint file, optionally ``:T1w``/``:FLAIR``
-    to set the modality it is run on."""
+    """A ``--model`` value: a zoo name, or a checkpoint file, optionally ``:T1w``/``:FLAIR``/
+    ``:T2w`` to set the modality it is run on."""
     modality = None
     base, sep, tail = value.rpartition(":")
-    if sep and tail in ("T1w", "FLAIR"):
+    if sep and tail in CONTRASTS:
         value, modality = base, tail
     if value in REGISTRY:
         entry = get_entry(value)

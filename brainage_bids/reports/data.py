@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 TEMPLATE = "MNI152NLin2009aSym"
-IMAGE_SUFFIXES = ("T1w", "FLAIR")
+IMAGE_SUFFIXES = ("T1w", "FLAIR", "T2w")
 _ENTITY = r"(?:_(?:ses|acq|ce|rec|run|dir|echo|part|inv)-[a-zA-Z0-9]+)"
 NAME_PATTERN = re.compile(
     rf"^(?P<prefix>sub-[a-zA-Z0-9]+{_ENTITY}*)_(?:space-(?P<space>[a-zA-Z0-9]+)_)?"

@@ -153,6 +153,14 @@ def _flag_list(rows: list[dict], sidecar: dict) -> list[dict]:
     return list(seen.values())
 
 
+def _trained_on(m: dict) -> str | None:
+    """What a sidecar's model was trained on: its modality, or for a contrast-agnostic model
+    the synthetic images and the contrasts it reads."""
+    if m.get("TrainedOn") == "synthetic":
+        return f"synthetic images (reads {', '.join(m.get('Contrasts') or [])})"
+    return m.get("Modality")
+
+
 def _models(sidecar: dict, cards: dict) -> list[dict]:
     out = []
     for m in sidecar.get("Models") or []:
@@ -160,7 +168,7 @@ def _models(sidecar: dict, cards: dict) -> list[dict]:
         rng = data.card_age_range(card)
         test = card.get("test") or {}
         out.append({"name": m.get("Name"), "architecture": m.get("Architecture"),
-                    "output": m.get("Output"), "modality": m.get("Modality"),
+                    "output": m.get("Output"), "modality": _trained_on(m),
                     "age_range": f"{rng[0]:.0f}-{rng[1]:.0f}" if rng else None,
                     "test_mae": test.get("mae"), "sd_threshold": qc.sd_threshold(
                         qc.reference_sd(card)) if m.get("Output") == "bins" else None})
@@ -174,7 +182,7 @@ def _unprocessed(bids_root: Path | None, label: str, scans) -> list[str]:
     done = {(s.prefix, s.suffix) for s in scans}
     out = []
     for path in sorted((bids_root / f"sub-{label}").glob("**/anat/*.nii*")):
-        m = re.match(r"^(sub-.+)_(T1w|FLAIR)\.nii(\.gz)?$", path.name)
+        m = re.match(r"^(sub-.+)_(T1w|FLAIR|T2w)\.nii(\.gz)?$", path.name)
         if m and (m.group(1), m.group(2)) not in done:
             out.append(relpath(path, bids_root))
     return out

@@ -21,8 +21,9 @@ SOURCE_ENTITIES = (("subject", "sub"), ("session", "ses"), ("acquisition", "acq"
 DEFAULT_FILTERS = {
     "t1w": {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]},
     "flair": {"datatype": "anat", "suffix": "FLAIR", "extension": [".nii", ".nii.gz"]},
+    "t2w": {"datatype": "anat", "suffix": "T2w", "extension": [".nii", ".nii.gz"]},
 }
-MODALITIES = ("T1w", "FLAIR")
+MODALITIES = ("T1w", "FLAIR", "T2w")
 LOG = logging.getLogger("brainage_bids.bids")
 
 
@@ -352,7 +353,7 @@ def _narrow(labels: list[str], allowed) -> list[str]:
 def collect_scans(bids_dir: str | os.PathLike, participant_labels=None, session_labels=None,
                   filters: dict | None = None, validate: bool = True,
                   modalities=("T1w",)) -> list[Scan]:
-    """Index every image of the given modalities (T1w, FLAIR) matching the filters with PyBIDS.
+    """Index every image of the given modalities (T1w, FLAIR, T2w) matching the filters with PyBIDS.
 
     Raises BIDSInputError: 16 when validation fails, 66 when the dataset has no subjects or a
     requested participant is absent, 18 when the filters match no image.

@@ -102,7 +102,7 @@ def config_dict(opts, work_dir: str | os.PathLike | None = None) -> dict:
 
 def _absolute_model(value: str) -> str:
     base, sep, tail = value.rpartition(":")
-    path, suffix = (base, sep + tail) if sep and tail in ("T1w", "FLAIR") else (value, "")
+    path, suffix = (base, sep + tail) if sep and tail in ("T1w", "FLAIR", "T2w") else (value, "")
     return str(Path(path).resolve()) + suffix if os.path.exists(path) else value
 
 

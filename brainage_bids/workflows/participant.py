@@ -22,8 +22,11 @@ def crash_dir(output_dir: str, participant_id: str, run_id: str) -> str:
 
 
 def models_for(scan: Scan, models: list | None) -> list:
-    """The model requests that run on a scan: those of its modality or of unknown modality."""
-    return [r for r in models or [] if r.modality in (scan.suffix, None)]
+    """The model requests that run on a scan: those of its modality (a contrast-agnostic one
+    names several) or of unknown modality."""
+    from ..models.checkpoint import reads_contrast
+
+    return [r for r in models or [] if reads_contrast(r.modality, scan.suffix)]
 
 
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
