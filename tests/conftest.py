@@ -248,3 +248,43 @@ def write_participant_outputs(bids: Path, out: Path, models: dict, participants=
                                       index=False)
         rows += scan_rows
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+# ---------------------------------------------------------------------------------------------
+# a stand-in for FSL's MNI152 (TemplateFlow's MNI152NLin6Asym), for the published models' recipes
+def write_fsl_template_stand_in(home: Path) -> Path:
+    """A stand-in MNI152NLin6Asym res-1 in TemplateFlow's layout under ``home``: whole-head
+    ``tpl-MNI152NLin6Asym_res-01_T1w.nii.gz`` and ``..._res-01_desc-brain_mask.nii.gz`` (no brain
+    T1w: utils.templates derives it), on the FSL 182x218x182 world grid but stored in RAS voxel
+    order (so the LAS model grid is reached through world space). The head is nilearn's
+    MNI152NLin2009aSym brain plus a synthetic scalp (a shell 4-12 mm outside the brain)."""
+    from nilearn.datasets import load_mni152_template
+    from scipy import ndimage
+
+    from brainage_bids.utils.images import resample_to_grid
+
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = [-91.0, -126.0, -72.0]
+    shape = (182, 218, 182)
+    src = load_mni152_template(resolution=1)
+    offset = np.linalg.solve(src.affine, affine)[:3, 3]  # the FSL grid's corner in src voxels
+    if np.allclose(src.affine[:3, :3], np.eye(3)) and np.allclose(offset, np.round(offset)):
+        i, j, k = (int(round(v)) for v in offset)  # an integer shift: slice, do not resample
+        brain = np.asarray(src.dataobj, dtype=np.float32)[i:i + shape[0], j:j + shape[1],
+                                                          k:k + shape[2]]
+    else:
+        brain = resample_to_grid(src, affine, shape, order=1)
+    brain = (np.clip(brain, 0, None) * 1000.0).astype(np.float32)
+    mask = ndimage.binary_fill_holes(brain > 0.05 * brain.max())
+    distance = ndimage.distance_transform_edt(~mask)
+    shell = (distance > 4) & (distance <= 12)
+    head = brain.copy()
+    head[shell] = 0.8 * float(np.percentile(brain[mask], 90))
+    folder = Path(home) / "tpl-MNI152NLin6Asym"
+    folder.mkdir(parents=True, exist_ok=True)
+    (Path(home) / "dataset_description.json").write_text(
+        '{"Name": "TemplateFlow", "BIDSVersion": "1.1.0"}')
+    nib.save(nib.Nifti1Image(head, affine), str(folder / "tpl-MNI152NLin6Asym_res-01_T1w.nii.gz"))
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine),
+             str(folder / "tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz"))
+    return Path(home)

@@ -37,12 +37,21 @@ def _published(name):
 def test_sidecar_records_recipe_and_what_was_done(random_model):
     ours = load_model(random_model)
     pub = _published("flair-brain-age-densenet-t1w")
-    meta = brainage_sidecar([ours, pub])
+    # the participant level reads each model's image from the branch of its own recipe
+    meta = brainage_sidecar([ours, pub], branches=[("MNI152NLin2009aSym", "brain"),
+                                                   ("MNI152NLin6Asym", "head")])
     m_ours, m_pub = meta["Models"]
     assert m_ours["Recipe"]["Template"] == "MNI152NLin2009aSym" and m_ours["RecipeFollowed"]
     assert m_pub["Recipe"]["Image"] == "head" and m_pub["Recipe"]["N4"] == FSL_HEAD.n4
-    assert m_pub["AppliedPreprocessing"]["Template"] == "MNI152NLin2009aSym"
-    assert m_pub["RecipeFollowed"] is False  # the FSL branch is not built yet: said, not hidden
+    assert m_pub["AppliedPreprocessing"]["Template"] == "MNI152NLin6Asym"
+    assert m_pub["AppliedPreprocessing"]["N4"] == FSL_HEAD.n4
+    assert m_pub["RecipeFollowed"] is True
+    assert meta["Templates"] == ["MNI152NLin2009aSym", "MNI152NLin6Asym"]
+    # an image from another branch is said, not hidden
+    meta = brainage_sidecar([pub], branches=[("MNI152NLin2009aSym", "head")])
+    assert meta["Model"]["AppliedPreprocessing"]["Template"] == "MNI152NLin2009aSym"
+    assert meta["Model"]["AppliedPreprocessing"]["N4"] == OURS.n4
+    assert meta["Model"]["RecipeFollowed"] is False
 
 
 def test_warnings_for_age_contrast_and_recipe(random_model):
@@ -53,4 +62,7 @@ def test_warnings_for_age_contrast_and_recipe(random_model):
     assert any("trained on T1w, not FLAIR" in m for m in msgs)
     ukb = _published("ukb-sfcn")  # 42-82
     msgs = model_warnings(ukb, 30.0, "T1w", "b.nii.gz")
-    assert any("42-82" in m for m in msgs) and any("MNI152NLin6Asym" in m for m in msgs)
+    assert any("42-82" in m for m in msgs) and not any("registered to" in m for m in msgs)
+    msgs = model_warnings(ukb, 50.0, "T1w", "b.nii.gz", ("MNI152NLin2009aSym", "brain"))
+    assert any("trained on MNI152NLin6Asym" in m and "registered to MNI152NLin2009aSym" in m
+               for m in msgs)

@@ -254,7 +254,9 @@ def scan_progress(wf, scans) -> tuple[int, dict]:
 #: Measured peak RSS of a process running the step alone: deepbet 1.25 GB, N4 0.85 GB,
 #: AffineFast 1.05 GB, prediction with ixi-sfcn-2mm 0.38 GB (the 1 mm published models more).
 #: skull_strip is set per method in workflows/preproc.py (interfaces.skullstrip.MEM_GB).
-NODE_MEM_GB = {"n4": 1.0, "register": 1.25, "head_to_mni": 0.8,
+#: n4_head and register_head (the whole-head recipe) are taken as n4 and register, unmeasured.
+NODE_MEM_GB = {"n4": 1.0, "register": 1.25, "head_to_mni": 0.8, "n4_head": 1.0,
+               "register_head": 1.25,
                "fill_lesions": 1.5, "lesion_to_mni": 0.8, "predict": 1.0}
 
 
@@ -487,7 +489,7 @@ def run_reports_only(opts) -> int:
 def run_participant(opts) -> int:
     from ..utils.bids import collect_scans, load_filters
     from ..utils.provenance import new_run_id
-    from ..utils.templates import TEMPLATE
+    from ..utils.templates import FSL_TEMPLATE, TEMPLATE
 
     plugin = plugin_settings(opts)  # a bad --plugin-args is a usage error: report it before any work
     # Every input is checked before the output and work directories are created.
@@ -503,7 +505,8 @@ def run_participant(opts) -> int:
         except HDBetNotInstalled as exc:
             raise UsageError(str(exc), EXIT_USAGE) from exc
     models = [] if opts.preproc_only else resolve_models(opts)
-    template = required_templates(models)[TEMPLATE]
+    templates = required_templates(models)
+    template = templates[TEMPLATE]
     lesion_masks = None
     if opts.lesion_masks:
         from ..utils.lesion_masks import match_lesion_masks
@@ -520,13 +523,13 @@ def run_participant(opts) -> int:
     log = start_run_log(opts, output_dir, work_dir, "participant", run_id)
     try:
         return _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_dir,
-                            output_dir, work_dir)
+                            output_dir, work_dir, fsl_template=templates.get(FSL_TEMPLATE))
     finally:
         stop_run_log(log)
 
 
 def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_dir, output_dir,
-                 work_dir) -> int:
+                 work_dir, fsl_template=None) -> int:
     import time
 
     from ..interfaces.ants import REGISTRATION_SEED
@@ -537,6 +540,7 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
     from ..utils.provenance import participant_methods, sidecar_provenance, versions
     from ..workflows.outputs import add_sidecar_metadata, derivative_paths
     from ..workflows.participant import crash_dir, init_brainage_wf, models_for
+    from ..workflows.predict import fsl_images
 
     started = time.monotonic()
     run_id = log.run_id
@@ -558,6 +562,9 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
     PROGRESS.info("brainage-bids participant: %d scan(s) of %d participant(s); skull strip: %s; "
                   "run %s (log: %s)", len(scans), n_participants, skull_strip, run_id, log.dir)
     LOG.info("template: %s", template.source)
+    if fsl_template is not None:
+        LOG.info("template for the published models' recipes: %s %s", fsl_template.name,
+                 fsl_template.source)
     tools = versions()
     paragraphs, refs = participant_methods(
         skull_strip=skull_strip, template=template.name, template_source=template.source,
@@ -571,7 +578,7 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
         template=str(template.brain), template_mask=str(template.mask), models=models,
         skull_strip=skull_strip, device=opts.device, omp_nthreads=opts.omp_nthreads,
         precision=opts.precision, saliency=saliency, lesion_masks=lesion_masks,
-        hd_bet_mode=hd_bet_mode)
+        hd_bet_mode=hd_bet_mode, fsl_template=fsl_template)
     add_sidecar_metadata(wf, sidecar_provenance(
         template=template.name, template_source=template.source, omp_nthreads=opts.omp_nthreads,
         seed=REGISTRATION_SEED, tools=tools))
@@ -588,7 +595,9 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
         expected = [paths["preproc"], paths["mask"]] + (
             [paths["brainage"]] if models_for(scan, models) else []) + (
             [paths["filled"], paths["lesion"]] if lesion is not None and not lesion.empty
-            else [])
+            else []) + [paths[k] for image in fsl_images(models_for(scan, models))
+                        for k in ({"brain": ("fsl_brain", "fsl_mask"),
+                                   "head": ("fsl_head",)}[image])]
         if not all(os.path.exists(p) for p in expected) or _stale(expected, run_id):
             failed.append(scan)
     failed_subjects = sorted({s.participant_id for s in failed})

@@ -1,4 +1,9 @@
-"""N4 bias correction and affine registration to MNI with antspyx."""
+"""N4 bias correction and affine registration to a template with antspyx.
+
+Two recipes (models/recipes.py): our own (N4 inside the brain mask, brain to template brain) and
+the FLAIR-Brain-Age whole-head one (N4 on the whole head without a mask, whole head to the
+whole-head template).
+"""
 from __future__ import annotations
 
 import json
@@ -44,6 +49,58 @@ def n4_in_mask(in_file: str, mask_file: str, out_file: str, threads: int = 1,
     nib.save(nib.Nifti1Image((head * (mask.numpy() > 0)).astype(np.float32), affine), out_file)
     if out_head:
         nib.save(nib.Nifti1Image(np.clip(head, 0, None).astype(np.float32), affine), out_head)
+
+
+def n4_whole_head(in_file: str, out_file: str, threads: int = 1) -> None:
+    """N4 bias-field correction of the whole image, no mask (the FLAIR-Brain-Age deployed
+    pipeline); negative values and NaNs are set to 0 first (N4 fits the log intensity)."""
+    import ants
+
+    _set_threads(threads)
+    img = ants.image_read(in_file)
+    data = np.clip(np.nan_to_num(img.numpy(), nan=0.0), 0, None)
+    if not data.any():
+        raise ValueError(f"{in_file}: the image has no positive voxels")
+    shrink = int(np.clip(round(4.0 / min(img.spacing)), 1, 4))
+    corrected = ants.n4_bias_field_correction(img.new_image_like(data), mask=None,
+                                              shrink_factor=shrink)
+    out = np.clip(np.nan_to_num(corrected.numpy(), nan=0.0), 0, None).astype(np.float32)
+    nib.save(nib.Nifti1Image(out, nib.load(in_file).affine), out_file)
+
+
+def register_head_to_template(head_file: str, mask_file: str, template_file: str,
+                              template_mask_file: str, out_file: str, out_mask: str,
+                              out_transform: str, transform: str = "AffineFast",
+                              threads: int = 1) -> tuple[float, float]:
+    """Affinely register a whole head to the whole-head template and resample it onto the
+    template grid (linear, clipped at 0, NaN -> 0; no intensity normalisation: the model applies
+    its own). The native brain mask follows the same transform, for quality control only.
+
+    Returns (correlation, dice) as :func:`register_to_template` does: the correlation of the
+    registered head with the template inside the template brain mask, and the Dice overlap of
+    the registered brain mask with it.
+    """
+    import ants
+
+    _set_threads(threads)
+    if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
+        ants.config._random_seed = REGISTRATION_SEED
+    fixed = ants.image_read(template_file)
+    moving = ants.image_read(head_file)
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform)
+    fwd = reg["fwdtransforms"]
+    warped = ants.apply_transforms(fixed, moving, fwd, interpolator="linear").numpy()
+    data = np.clip(np.nan_to_num(warped, nan=0.0), 0, None).astype(np.float32)
+    mask = ants.apply_transforms(fixed, ants.image_read(mask_file), fwd,
+                                 interpolator="linear").numpy() > 0.5
+    tpl_img = nib.load(template_file)
+    tpl_mask = np.asarray(nib.load(template_mask_file).dataobj) > 0
+    corr = mask_correlation(data, tpl_img.get_fdata(dtype=np.float32), tpl_mask)
+    dice = float(2 * (mask & tpl_mask).sum() / max(1, mask.sum() + tpl_mask.sum()))
+    nib.save(nib.Nifti1Image(data, tpl_img.affine), out_file)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), tpl_img.affine), out_mask)
+    shutil.copyfile(fwd[0], out_transform)
+    return corr, dice
 
 
 def register_to_template(brain_file: str, mask_file: str, template_file: str, template_mask_file: str,
@@ -175,6 +232,57 @@ class RegisterToTemplate(SimpleInterface):
             self.inputs.template_mask, out, out_mask, xfm, self.inputs.transform,
             self.inputs.num_threads,
         )
+        report = os.path.join(runtime.cwd, "registration.json")
+        with open(report, "w") as fh:
+            json.dump({"RegistrationCorrelation": corr, "RegistrationMaskDice": dice,
+                       "Transform": self.inputs.transform}, fh)
+        self._results.update(out_file=out, out_mask=out_mask, out_transform=xfm, out_report=report,
+                             registration_correlation=corr, registration_dice=dice)
+        return runtime
+
+
+class _N4HeadInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="whole-head image")
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class N4WholeHead(SimpleInterface):
+    """N4 bias-field correction of the whole head, no mask (see :func:`n4_whole_head`)."""
+
+    input_spec = _N4HeadInputSpec
+    output_spec = _OutFileSpec
+
+    def _run_interface(self, runtime):
+        out = os.path.join(runtime.cwd, "head_n4.nii.gz")
+        n4_whole_head(self.inputs.in_file, out, self.inputs.num_threads)
+        self._results["out_file"] = out
+        return runtime
+
+
+class _RegisterHeadInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="bias-corrected whole head")
+    mask_file = File(exists=True, mandatory=True, desc="native brain mask (quality control)")
+    template = File(exists=True, mandatory=True, desc="whole-head template")
+    template_mask = File(exists=True, mandatory=True, desc="the template's brain mask")
+    transform = traits.Enum("AffineFast", "Affine", "Rigid", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class RegisterHeadToTemplate(SimpleInterface):
+    """Whole-head affine registration to the whole-head template (see
+    :func:`register_head_to_template`)."""
+
+    input_spec = _RegisterHeadInputSpec
+    output_spec = _RegisterOutputSpec
+
+    def _run_interface(self, runtime):
+        out = os.path.join(runtime.cwd, "head_template.nii.gz")
+        out_mask = os.path.join(runtime.cwd, "head_template_brain_mask.nii.gz")
+        xfm = os.path.join(runtime.cwd, "native2template_affine.mat")
+        corr, dice = register_head_to_template(
+            self.inputs.in_file, self.inputs.mask_file, self.inputs.template,
+            self.inputs.template_mask, out, out_mask, xfm, self.inputs.transform,
+            self.inputs.num_threads)
         report = os.path.join(runtime.cwd, "registration.json")
         with open(report, "w") as fh:
             json.dump({"RegistrationCorrelation": corr, "RegistrationMaskDice": dice,

@@ -413,3 +413,49 @@ class LesionToTemplate(SimpleInterface):
                               self.inputs.template, head)
             self._results["head"] = head
         return runtime
+
+
+def fill_like(head_file: str, brain_file: str, filled_file: str, lesion_file: str,
+              out_file: str) -> int:
+    """Carry a fill made on ``brain_file`` (N4 fitted in the brain mask) into another bias
+    correction of the same image, ``head_file`` (e.g. the whole-head N4 of the FLAIR-Brain-Age
+    recipe): each filled voxel becomes ``filled * head / brain`` there, the filled value times the
+    ratio of the two bias fields, so the fill keeps its relation to the white matter around it.
+    All files on one grid; returns the number of voxels replaced."""
+    himg = nib.load(head_file)
+    head = np.asarray(himg.dataobj, dtype=np.float32).copy()
+    brain = np.asarray(nib.load(brain_file).dataobj, dtype=np.float32)
+    filled = np.asarray(nib.load(filled_file).dataobj, dtype=np.float32)
+    lesion = np.asarray(nib.load(lesion_file).dataobj) > 0
+    for name, arr in (("brain", brain), ("filled", filled), ("lesion mask", lesion)):
+        if arr.shape != head.shape:
+            raise ValueError(f"{name} shape {arr.shape} differs from the head {head.shape}")
+    sel = lesion & (brain > 0)
+    head[sel] = np.clip(filled[sel] * head[sel] / brain[sel], 0, None)
+    nib.save(nib.Nifti1Image(head, himg.affine, himg.header), out_file)
+    return int(sel.sum())
+
+
+class _FillLikeInputSpec(BaseInterfaceInputSpec):
+    head_file = File(exists=True, mandatory=True, desc="the image under another bias correction")
+    brain_file = File(exists=True, mandatory=True, desc="the brain the fill was made on")
+    filled_file = File(exists=True, mandatory=True, desc="that brain, lesion-filled")
+    lesion_file = File(exists=True, mandatory=True, desc="lesion mask on the image grid")
+
+
+class _FillLikeOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="lesion-filled head")
+
+
+class FillLike(SimpleInterface):
+    """A fill carried into another bias correction of the image (see :func:`fill_like`)."""
+
+    input_spec = _FillLikeInputSpec
+    output_spec = _FillLikeOutputSpec
+
+    def _run_interface(self, runtime):
+        out = os.path.join(runtime.cwd, "head_filled.nii.gz")
+        fill_like(self.inputs.head_file, self.inputs.brain_file, self.inputs.filled_file,
+                  self.inputs.lesion_file, out)
+        self._results["out_file"] = out
+        return runtime

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -17,80 +18,13 @@ from nipype.interfaces.base import (
 
 from .. import __version__
 from ..reports import qc as _qc
+from ..utils.output_schema import COLUMNS, CONTRACT_COLUMNS, EXTRA_COLUMNS, column_descriptions
 
-#: The DESIGN.md contract: every participant-level table starts with these columns.
-CONTRACT_COLUMNS = ("participant_id", "session_id", "source_file", "suffix", "model",
-                    "chronological_age", "predicted_age", "predicted_age_sd", "brain_age_gap",
-                    "lesion_filled", "qc_flags")
-#: Columns added after the contract ones (n/a in tables written before they existed).
-EXTRA_COLUMNS = ("lesion_volume_ml",)
-COLUMNS = CONTRACT_COLUMNS + EXTRA_COLUMNS
-
-COLUMN_DESCRIPTIONS = {
-    "participant_id": {"Description": "BIDS participant label (sub-<label>)"},
-    "session_id": {"Description": "BIDS session label (ses-<label>), n/a without sessions"},
-    "source_file": {"Description": "input image, relative to the BIDS dataset root"},
-    "suffix": {"Description": "BIDS suffix of the input image (modality)",
-               "Levels": {"T1w": "T1-weighted", "FLAIR": "T2-FLAIR", "T2w": "T2-weighted"}},
-    "model": {"Description": "name of the brain-age model that produced the row"},
-    "chronological_age": {"Description": "age at the scan, from sessions.tsv (age column) when present, "
-                                         "else participants.tsv", "Units": "year"},
-    "predicted_age": {"Description": "brain age: expectation of the model's predicted age distribution",
-                      "Units": "year"},
-    "predicted_age_sd": {"Description": "standard deviation of the model's predicted age distribution "
-                                        "(per-scan uncertainty); n/a for models that regress a "
-                                        "single age; for model=ensemble see Ensemble.SD",
-                         "Units": "year"},
-    "brain_age_gap": {"Description": "predicted_age - chronological_age, uncorrected (brain-PAD); "
-                                     "n/a when the age is unknown", "Units": "year"},
-    "lesion_filled": {"Description": "whether lesions were filled before prediction",
-                      "Levels": {"true": "lesion-filled image", "false": "image as acquired"}},
-    "qc_flags": {"Description": "semicolon-separated quality flags, n/a when none",
-                 "Levels": {
-                     "low_registration": "registered brain mask overlaps the template mask less "
-                                         "than RegistrationMaskDiceMin, or (T1w) the image "
-                                         "correlates with the T1w template less than "
-                                         "RegistrationCorrelationMin (see QCThresholds)",
-                     "age_outside_training_range": "chronological age outside the ages the model "
-                                                   "was trained on",
-                     "model_modality_mismatch": "the model was trained on another modality than "
-                                                "the image (run on explicit request)",
-                 }},
-}
-# mask volume, predicted-age SD and lesion-filling flags (thresholds in reports/qc.py)
-COLUMN_DESCRIPTIONS["qc_flags"]["Levels"].update(
-    {k: v for k, v in _qc.FLAG_DESCRIPTIONS.items()
-     if k not in COLUMN_DESCRIPTIONS["qc_flags"]["Levels"]})
-COLUMN_DESCRIPTIONS["lesion_volume_ml"] = {
-    "Description": "volume of the scan's lesion mask (--lesion-masks) on the mask's own grid "
-                   "(voxels >= 0.5); 0 for a mask without voxels; n/a when the scan has no "
-                   "lesion mask", "Units": "mL"}
-FLAG_ORDER = ("low_registration", "age_outside_training_range", "model_modality_mismatch",
-              "mask_volume_implausible", "predicted_age_sd_high", "lesion_filling_disagreement")
-
-# Correlation of the registered brain with the T1w template inside the template mask: the 148 IXI
-# scans score 0.50-0.62 and a clinical 2D T1w 0.46; misregistrations fall far below. It is only
-# applied to T1w (FLAIR contrast differs: 0.25-0.38 on well registered MS FLAIR). The Dice overlap
-# of the registered brain mask with the template mask is modality-free: 0.93-0.97 on IXI, MPRAGE,
-# 3D and 2D MS T1w/FLAIR.
-QC_THRESHOLDS = {"RegistrationCorrelationMin": 0.35, "RegistrationCorrelationApplies": ["T1w"],
-                 "RegistrationMaskDiceMin": 0.85}
-
-
-def qc_flags(registration_correlation: float | None, age: float | None,
-             age_range: tuple | None, suffix: str = "T1w",
-             registration_dice: float | None = None) -> list[str]:
-    flags = []
-    low_corr = (registration_correlation is not None
-                and suffix in QC_THRESHOLDS["RegistrationCorrelationApplies"]
-                and registration_correlation < QC_THRESHOLDS["RegistrationCorrelationMin"])
-    low_dice = (registration_dice is not None
-                and registration_dice < QC_THRESHOLDS["RegistrationMaskDiceMin"])
-    if low_corr or low_dice:
-        flags.append("low_registration")
-    if age is not None and age_range and not (age_range[0] <= age <= age_range[1]):
-        flags.append("age_outside_training_range")
-    return flags
+# The flag logic lives in reports/qc.py; the old names stay importable from here.
+FLAG_ORDER = _qc.FLAG_ORDER
+QC_THRESHOLDS = _qc.REGISTRATION_THRESHOLDS
+qc_flags = _qc.registration_age_flags
+COLUMN_DESCRIPTIONS = column_descriptions(_qc.FLAG_DESCRIPTIONS)
 
 
 def brainage_row(*, participant_id, session_id, source_file, suffix, model, age, predicted, sd,
@@ -123,7 +57,13 @@ def write_table(rows: list[dict], path: str) -> None:
     df.to_csv(path, sep="\t", index=False, na_rep="n/a")
 
 
-def model_description(model) -> dict:
+def model_description(model, branch: tuple | None = None,
+                      registration: dict | None = None) -> dict:
+    """The sidecar's description of a model: its card facts, MAE, the recipe its training
+    images were made with (``Recipe``) and what this run did (``AppliedPreprocessing``, from the
+    workflow ``branch`` = (template, image) whose image the model read; None: its own recipe's
+    branch), ``RecipeFollowed`` when the two agree; ``registration``: the QC figures of the
+    registration that made the model's image."""
     from ..models.checkpoint import contrasts_of
 
     d = {"Name": model.name, "Architecture": model.arch, "SHA256": model.sha256,
@@ -137,19 +77,23 @@ def model_description(model) -> dict:
     mae = model_mae(getattr(model, "card", None))
     if mae is not None:
         d["MAE"] = mae
-    from ..models.recipes import applied, recipe_for
+    from ..models.recipes import TOOLS, applied, recipe_for
 
     recipe = recipe_for(model.input)
-    done = applied(recipe)
+    done = applied(recipe, branch)
     d["Recipe"] = recipe.as_dict()  # how the model's training images were made
-    d["AppliedPreprocessing"] = done.as_dict()  # what this run did
+    d["AppliedPreprocessing"] = {**done.as_dict(), "Tools": dict(TOOLS)}  # what this run did
     d["RecipeFollowed"] = done == recipe
+    if registration:
+        d["Registration"] = registration
     return d
 
 
-def model_warnings(model, age: float | None, suffix: str, source: str) -> list[str]:
+def model_warnings(model, age: float | None, suffix: str, source: str,
+                   branch: tuple | None = None) -> list[str]:
     """Why a prediction is outside what ``model`` was trained on: an age outside its
-    training range (zoo or card ``age_range``), another contrast, another preprocessing recipe."""
+    training range (zoo or card ``age_range``), another contrast, another preprocessing recipe
+    (``branch``: see :func:`model_description`)."""
     out = []
     rng = model_age_range(model)
     if age is not None and rng and not (rng[0] <= age <= rng[1]):
@@ -159,7 +103,7 @@ def model_warnings(model, age: float | None, suffix: str, source: str) -> list[s
 
     if not reads_contrast(model.modality, suffix):
         out.append(f"{source}: model {model.name} was trained on {model.modality}, not {suffix}")
-    d = model_description(model)
+    d = model_description(model, branch)
     if not d["RecipeFollowed"]:
         out.append(f"{source}: model {model.name} was trained on {d['Recipe']['Template']} "
                    f"({d['Recipe']['Registration']}; N4 {d['Recipe']['N4']}); this run "
@@ -198,11 +142,20 @@ def ensemble_mae(names: list[str]) -> dict | None:
 
 
 def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
-                     precision: str = "fp32", registration_dice=None) -> dict:
-    """Sidecar of a brain-age table: column descriptions, the models, QC figures."""
+                     precision: str = "fp32", registration_dice=None,
+                     branches: list | None = None, registrations: list | None = None) -> dict:
+    """Sidecar of a brain-age table: column descriptions, the models, QC figures.
+
+    ``branches`` and ``registrations``: per model, the workflow branch its image came from and
+    that registration's QC figures (:func:`model_description`). ``RegistrationCorrelation`` and
+    ``RegistrationMaskDice`` at the top are those of the MNI152NLin2009aSym registration every
+    scan gets."""
     models = list(models) if isinstance(models, (list, tuple)) else [models]
+    branches = list(branches or [None] * len(models))
+    registrations = list(registrations or [None] * len(models))
     meta = dict(COLUMN_DESCRIPTIONS)
-    meta["Models"] = [model_description(m) for m in models]
+    meta["Models"] = [model_description(m, b, r)
+                      for m, b, r in zip(models, branches, registrations)]
     if len(models) == 1:
         meta["Model"] = meta["Models"][0]
     else:
@@ -225,6 +178,7 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
     meta["SoftwareVersion"] = __version__
     meta["GeneratedBy"] = [{"Name": "brainage-bids", "Version": __version__}]
     meta["Template"] = "MNI152NLin2009aSym"
+    meta["Templates"] = sorted({d["AppliedPreprocessing"]["Template"] for d in meta["Models"]})
     if registration_correlation is not None:
         meta["RegistrationCorrelation"] = round(float(registration_correlation), 4)
     if registration_dice is not None:
@@ -238,6 +192,58 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
 def model_age_range(model) -> tuple | None:
     rng = model.card.get("age_range") if model.card else None
     return tuple(rng) if rng else None
+
+
+@dataclass(frozen=True)
+class BranchImage:
+    """The image one preprocessing branch made for a scan (raw and lesion-filled), its brain
+    mask and the QC figures of the registration that made it."""
+
+    raw: str | None
+    filled: str | None
+    mask: str | None
+    correlation: float | None
+    dice: float | None
+    space: str = ""
+
+    def qc(self) -> dict:
+        out = {"Space": self.space}
+        if self.correlation is not None:
+            out["RegistrationCorrelation"] = round(float(self.correlation), 4)
+        if self.dice is not None:
+            out["RegistrationMaskDice"] = round(float(self.dice), 4)
+        return out
+
+
+def branch_images(inputs) -> dict:
+    """(template, image) -> :class:`BranchImage` from the predictor's inputs: the
+    MNI152NLin2009aSym brain and head, and the MNI152NLin6Asym brain and head branches."""
+    from ..utils.templates import FSL_TEMPLATE, TEMPLATE
+
+    def get(name):
+        value = getattr(inputs, name)
+        return value if isdefined(value) else None
+
+    ours = dict(mask=get("mask_file"), correlation=get("registration_correlation"),
+                dice=get("registration_dice"), space=TEMPLATE)
+    out = {(TEMPLATE, "brain"): BranchImage(get("preproc_file"), get("filled_file"), **ours),
+           (TEMPLATE, "head"): BranchImage(get("head_file"), get("filled_head_file"), **ours)}
+    for image in ("brain", "head"):
+        out[(FSL_TEMPLATE, image)] = BranchImage(
+            get(f"fsl_{image}_image"), get(f"fsl_{image}_filled"), get(f"fsl_{image}_mask"),
+            get(f"fsl_{image}_registration_correlation"), get(f"fsl_{image}_registration_dice"),
+            space=FSL_TEMPLATE)
+    return out
+
+
+def image_for(image: BranchImage, key: tuple, model: str, source: str, filled: bool) -> str:
+    """The file a model reads; ValueError when the workflow did not make its recipe's image."""
+    path = image.filled if filled else image.raw
+    if path is None:
+        what = "lesion-filled " if filled else ""
+        raise ValueError(f"{source}: model {model} reads the {what}{key[1]} on {key[0]} (its "
+                         "preprocessing recipe), but the workflow made no such image")
+    return path
 
 
 class _PredictInputSpec(BaseInterfaceInputSpec):
@@ -262,6 +268,17 @@ class _PredictInputSpec(BaseInterfaceInputSpec):
                                          "rows")
     filled_head_file = File(exists=True, desc="lesion-filled whole head in MNI space")
     lesion_volume_ml = traits.Float(desc="lesion mask volume, written on every row")
+    fsl_brain_image = File(exists=True, desc="brain on the MNI152NLin6Asym grid (SFCN recipe)")
+    fsl_brain_mask = File(exists=True, desc="its brain mask")
+    fsl_brain_registration_correlation = traits.Float()
+    fsl_brain_registration_dice = traits.Float()
+    fsl_brain_filled = File(exists=True, desc="the lesion-filled brain on that grid")
+    fsl_head_image = File(exists=True, desc="whole head on the MNI152NLin6Asym grid "
+                                            "(FLAIR-Brain-Age recipe)")
+    fsl_head_mask = File(exists=True, desc="the brain mask through the head's transform")
+    fsl_head_registration_correlation = traits.Float()
+    fsl_head_registration_dice = traits.Float()
+    fsl_head_filled = File(exists=True, desc="the lesion-filled head on that grid")
     saliency = traits.Bool(False, usedefault=True, desc="write a SmoothGrad map (25 samples)")
     template = File(exists=True, desc="MNI template: the grid of the saliency map")
 
@@ -303,39 +320,42 @@ class PredictAge(SimpleInterface):
         vol = self.inputs.mask_volume_ml if isdefined(self.inputs.mask_volume_ml) else None
         dice = (self.inputs.registration_dice
                 if isdefined(self.inputs.registration_dice) else None)
-        head = self.inputs.head_file if isdefined(self.inputs.head_file) else None
         lesion_ml = (self.inputs.lesion_volume_ml if isdefined(self.inputs.lesion_volume_ml)
                      else None)
         common = dict(participant_id=self.inputs.participant_id,
                       session_id=self.inputs.session_id or None,
                       source_file=self.inputs.source_file, suffix=self.inputs.suffix, age=age,
                       lesion_volume_ml=lesion_ml)
-        conditions = [(False, self.inputs.preproc_file, head)]
-        if isdefined(self.inputs.filled_file):
-            conditions.append((True, self.inputs.filled_file,
-                               self.inputs.filled_head_file
-                               if isdefined(self.inputs.filled_head_file) else None))
+        images = branch_images(self.inputs)
+        conditions = [False] + ([True] if isdefined(self.inputs.filled_file) else [])
         models = [load_model(path, device=device, name=names[i] if i < len(names) else None,
                              modality=(modalities[i] or None) if i < len(modalities) else None)
                   for i, path in enumerate(self.inputs.model_files)]
+        from ..models.recipes import input_key
+
+        keys = [input_key(m.input) for m in models]
         import logging
 
         log = logging.getLogger("brainage_bids.predict")
-        for model in models:
-            for msg in model_warnings(model, age, self.inputs.suffix, self.inputs.source_file):
+        for model, key in zip(models, keys):
+            for msg in model_warnings(model, age, self.inputs.suffix, self.inputs.source_file,
+                                      key):
                 log.warning(msg)
         rows, dist = [], []
         inputs: dict = {}  # raw model input arrays, once per input specification (saliency)
-        for filled, image, head_image in conditions:
+        for filled in conditions:
             arrays: dict = {}
             ages, sds, all_flags = [], [], set()
-            for model in models:
+            for model, key in zip(models, keys):
+                image = images[key]
                 if model.input not in arrays:
-                    arrays[model.input] = model_input(image, self.inputs.mask_file, model.input,
-                                                      head_file=head_image)
+                    path = image_for(image, key, model.name, self.inputs.source_file, filled)
+                    arrays[model.input] = model_input(path, image.mask, model.input,
+                                                      head_file=path)
                 mean, sd, prob = predict_arrays(model, [arrays[model.input]], device=device,
                                                 precision=self.inputs.precision)
-                flags = qc_flags(reg, age, model_age_range(model), self.inputs.suffix, dice)
+                flags = qc_flags(image.correlation, age, model_age_range(model),
+                                 self.inputs.suffix, image.dice)
                 flags += _qc.scan_flags(predicted_age_sd=sd[0],
                                         reference_sd=_qc.reference_sd(model.card),
                                         mask_volume_ml=vol)
@@ -366,7 +386,9 @@ class PredictAge(SimpleInterface):
         write_table(rows, tsv)
         js = os.path.join(runtime.cwd, "brainage.json")
         with open(js, "w") as fh:
-            meta = brainage_sidecar(models, reg, vol, self.inputs.precision, dice)
+            meta = brainage_sidecar(models, reg, vol, self.inputs.precision, dice,
+                                    branches=keys,
+                                    registrations=[images[k].qc() for k in keys])
             if len(conditions) > 1:
                 meta["LesionFilling"] = {
                     "Rows": "lesion_filled=false: the image as acquired; lesion_filled=true: the "

@@ -66,9 +66,36 @@ def recipe_for(spec) -> Recipe:
     return replace(OURS, image=spec.image, normalisation=norm)
 
 
-def applied(recipe: Recipe) -> Recipe:
-    """What the participant level does now for a model of ``recipe``: every scan is registered
-    brain to brain to MNI152NLin2009aSym with N4 in the mask, then resampled onto the model grid
-    (the head follows with the brain's affine)."""
-    return replace(OURS, image=recipe.image, grid=recipe.grid,
-                   normalisation=recipe.normalisation)
+def branch_recipe(template: str, image: str) -> Recipe:
+    """The recipe the participant workflow's branch for (``template``, ``image``) implements
+    (workflows/preproc.py), before the model's normalisation: the MNI152NLin2009aSym path (N4
+    in the mask, brain to brain; the head follows with the brain's affine) or one of the two
+    MNI152NLin6Asym branches (:data:`FSL_BRAIN`, :data:`FSL_HEAD`)."""
+    from ..utils.templates import FSL_TEMPLATE
+
+    if template == FSL_TEMPLATE:
+        return FSL_HEAD if image == "head" else FSL_BRAIN
+    return replace(OURS, image=image)
+
+
+def input_key(spec) -> tuple[str, str]:
+    """(template, image) of the image a model reading ``spec`` needs: the branch that makes it."""
+    from ..utils.templates import template_for
+
+    return template_for(spec), spec.image
+
+
+def applied(recipe: Recipe, branch: tuple[str, str] | None = None) -> Recipe:
+    """What the participant level did for a model of ``recipe`` whose image came from the
+    workflow branch ``branch`` = (template, image): that branch's recipe with the normalisation
+    the predictor applied (the model's own). ``None``: the branch of the model's own recipe,
+    which the participant workflow builds for every model it runs."""
+    template, image = branch or (recipe.template, recipe.image)
+    return replace(branch_recipe(template, image), normalisation=recipe.normalisation)
+
+
+#: The tools the participant level carries each recipe out with (the publishers used niftk's N4
+#: and NiftyReg's reg_aladin for FLAIR-Brain-Age, FSL FLIRT for UK Biobank).
+TOOLS = {"N4": "antspyx n4_bias_field_correction",
+         "Registration": "antspyx registration AffineFast (mutual information), fixed seed",
+         "Interpolation": "linear"}

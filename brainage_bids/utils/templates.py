@@ -4,6 +4,9 @@
   bundled copy of the same template stands in, written into a cache of our own
   (``$XDG_CACHE_HOME/brainage-bids/templates``), never into ``$TEMPLATEFLOW_HOME``.
 - ``MNI152NLin6Asym`` (res-1, FSL's ``MNI152_T1_1mm``) for every published model; no stand-in.
+  TemplateFlow stores it in RAS voxel order, FSL (and the publishers' arrays) with x flipped:
+  copies in FSL's stored order (same world grid, voxels only reordered) go into our cache, so
+  everything registered to it lands on the published models' grid as stored.
 
 TemplateFlow's real layout has the whole head (``_T1w``) and ``desc-brain_mask`` for
 MNI152NLin2009aSym but no brain image: the brain is then the head masked, written into our
@@ -126,6 +129,55 @@ def _masked_head(name: str, head: Path, mask: Path) -> Path:
                           f"{tempfile.gettempdir()}")
 
 
+def _in_fsl_order(tpl: TemplateFiles) -> TemplateFiles:
+    """``tpl`` with every file stored on the FSL MNI152 1 mm grid (182x218x182, x flipped): files
+    covering that world grid in another voxel order are reordered (no resampling) into our own
+    cache; other files are used as they are."""
+    from ..models.checkpoint import FSL_MNI_1MM_AFFINE, FSL_MNI_1MM_SHAPE
+
+    target = np.asarray(FSL_MNI_1MM_AFFINE, dtype=float)
+    paths = {}
+    for key in ("brain", "mask", "head"):
+        path = getattr(tpl, key)
+        if path is None:
+            paths[key] = None
+            continue
+        img = nib.load(str(path))
+        if img.shape[:3] == FSL_MNI_1MM_SHAPE and np.allclose(img.affine, target, atol=1e-3):
+            paths[key] = path
+            continue
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                               nib.orientations.io_orientation(target))
+        moved = img.as_reoriented(ornt)
+        if moved.shape[:3] != FSL_MNI_1MM_SHAPE or not np.allclose(moved.affine, target,
+                                                                    atol=1e-3):
+            paths[key] = path  # not the FSL grid in any voxel order: used as it is
+            continue
+        paths[key] = _cached_copy(path, f"fsl-order_{Path(path).name}",
+                                  nib.Nifti1Image(np.asarray(moved.dataobj), target, img.header))
+    return TemplateFiles(brain=paths["brain"], mask=paths["mask"], head=paths["head"],
+                         name=tpl.name, source=tpl.source + " (voxels in FSL's stored order)")
+
+
+def _cached_copy(src: Path, fname: str, img: nib.Nifti1Image) -> Path:
+    """``img`` (derived from ``src``) in our own cache, keyed by ``src``'s path, size and time."""
+    import tempfile
+
+    st = Path(src).stat()
+    key = hashlib.sha256(f"{Path(src).resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    name = fname.replace(".nii.gz", f"-{key.hexdigest()[:12]}.nii.gz")
+    for folder in (own_cache(), Path(tempfile.gettempdir()) / "brainage-bids-templates"):
+        out = folder / name
+        if out.exists():
+            return out
+        try:
+            atomic_write_bytes(out, _gz(img))
+            return out
+        except PermissionError:
+            continue
+    raise PermissionError(f"cannot write {name} into {own_cache()} nor {tempfile.gettempdir()}")
+
+
 def _nilearn_copy(folder: Path) -> TemplateFiles:
     import nilearn
 
@@ -159,7 +211,7 @@ def get_template(name: str = TEMPLATE, home: str | os.PathLike | None = None) ->
     home = Path(home) if home is not None else templateflow_home()
     found = _from_templateflow(name, home)
     if found is not None:
-        return found
+        return _in_fsl_order(found) if name == FSL_TEMPLATE else found
     if name != TEMPLATE:
         raise TemplateMissing(
             f"template {name} (res-1) is not in the TemplateFlow cache {home} (set "

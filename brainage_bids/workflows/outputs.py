@@ -9,7 +9,7 @@ from nipype.pipeline import engine as pe
 from ..interfaces.bids import DerivativesSink
 from ..interfaces.skullstrip import describe as describe_skull_strip
 from ..utils.bids import Scan
-from ..utils.templates import TEMPLATE
+from ..utils.templates import FSL_TEMPLATE, TEMPLATE
 
 
 def _sink(name: str, out_path: str, metadata: dict | None = None) -> pe.Node:
@@ -28,6 +28,10 @@ def derivative_paths(scan: Scan, output_dir: str) -> dict:
     ``desc-flairbrain_mask``), so the two never overwrite each other; lesion masks in MNI follow
     the same rule (``desc-lesion_mask``, ``desc-flairlesion_mask``). ``filled`` is the
     lesion-filled MNI image (``desc-lesionfilled_<suffix>``).
+
+    The publishers' recipes write into ``space-MNI152NLin6Asym``: ``fsl_brain`` (the brain,
+    ``desc-preproc``) with ``fsl_mask`` (its brain mask, named as above), and ``fsl_head`` (the
+    whole head, ``desc-head``).
     """
     base = os.path.join(os.path.abspath(output_dir), scan.anat_dir, scan.prefix)
     mask_desc = "brain" if scan.suffix == "T1w" else f"{scan.suffix.lower()}brain"
@@ -40,6 +44,9 @@ def derivative_paths(scan: Scan, output_dir: str) -> dict:
         "saliency": f"{base}_space-{TEMPLATE}_desc-saliency_{scan.suffix}.nii.gz",
         "brainage": f"{base}_desc-brainage_{scan.suffix}.tsv",
         "distribution": f"{base}_desc-agedist_{scan.suffix}.tsv",
+        "fsl_brain": f"{base}_space-{FSL_TEMPLATE}_desc-preproc_{scan.suffix}.nii.gz",
+        "fsl_mask": f"{base}_space-{FSL_TEMPLATE}_desc-{mask_desc}_mask.nii.gz",
+        "fsl_head": f"{base}_space-{FSL_TEMPLATE}_desc-head_{scan.suffix}.nii.gz",
     }
 
 
@@ -74,6 +81,52 @@ def init_ds_preproc_wf(*, scan: Scan, output_dir: str, skull_strip: str, gated: 
     ])
     if gated:
         _hold_back(wf, inputnode, [ds_preproc, ds_mask])
+    return wf
+
+
+def init_ds_fsl_wf(*, scan: Scan, output_dir: str, image: str, skull_strip: str,
+                   hd_bet_mode: str = "fast", template_source: str = "",
+                   name: str = "ds_fsl_wf"):
+    """Write one MNI152NLin6Asym branch (``image``: ``brain`` or ``head``) with its sidecar: the
+    brain and its mask (SFCN recipe), or the whole head (FLAIR-Brain-Age recipe); the sidecar
+    says how it was made and carries the registration's QC figures.
+
+    Inputs: ``image``, ``mask`` (brain only), ``registration_report``, ``after`` (the
+    prediction's table: nothing is written unless the prediction succeeded).
+    """
+    from ..models.recipes import FSL_BRAIN, FSL_HEAD, TOOLS
+
+    paths = derivative_paths(scan, output_dir)
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(
+        fields=["image", "mask", "registration_report", "after"]), name="inputnode")
+    common = {"SpatialReference": FSL_TEMPLATE, "Sources": [f"bids:raw:{scan.relpath}"],
+              "Template": FSL_TEMPLATE, "TemplateSource": template_source}
+    stripper = describe_skull_strip(skull_strip, hd_bet_mode)
+    recipe = FSL_HEAD if image == "head" else FSL_BRAIN
+    steps = {"BiasCorrection": f"N4 ({TOOLS['N4']}), {recipe.n4}",
+             "Registration": f"{recipe.registration}; {TOOLS['Registration']}",
+             "Interpolation": recipe.interpolation, "Grid": recipe.grid}
+    if image == "head":
+        ds_image = _sink("ds_fsl_head", paths["fsl_head"], {
+            **common, "SkullStripped": False, **steps,
+            "Description": "the whole head, for the models of the FLAIR-Brain-Age recipe",
+            "IntensityNormalisation": "none (NaN set to 0, clipped at 0); each model applies "
+                                      "its own"})
+        sinks = [ds_image]
+    else:
+        ds_image = _sink("ds_fsl_brain", paths["fsl_brain"], {
+            **common, "SkullStripped": True, **stripper, **steps,
+            "Description": "the skull-stripped brain, for the published SFCNs",
+            "IntensityNormalisation": "divided by the mean inside the brain mask (each model "
+                                      "then applies its own, which does not depend on scale)"})
+        ds_mask = _sink("ds_fsl_mask", paths["fsl_mask"], {**common, "Type": "Brain",
+                                                            **stripper})
+        wf.connect(inputnode, "mask", ds_mask, "in_file")
+        sinks = [ds_image, ds_mask]
+    wf.connect(inputnode, "image", ds_image, "in_file")
+    wf.connect(inputnode, "registration_report", ds_image, "sidecar_file")
+    _hold_back(wf, inputnode, sinks)
     return wf
 
 

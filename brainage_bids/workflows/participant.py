@@ -8,8 +8,8 @@ from copy import deepcopy
 from nipype.pipeline import engine as pe
 
 from ..utils.bids import Scan
-from .outputs import init_ds_brainage_wf, init_ds_lesion_wf, init_ds_preproc_wf
-from .predict import init_predict_wf, needs_head
+from .outputs import init_ds_brainage_wf, init_ds_fsl_wf, init_ds_lesion_wf, init_ds_preproc_wf
+from .predict import FSL_INPUTS, fsl_images, init_predict_wf, needs_head
 from .preproc import init_preproc_wf
 
 
@@ -32,23 +32,32 @@ def models_for(scan: Scan, models: list | None) -> list:
 def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: str,
                  models: list | None, skull_strip: str, device: str, omp_nthreads: int,
                  precision: str = "fast", saliency: bool = False, lesion=None,
-                 hd_bet_mode: str = "fast", name: str | None = None):
+                 hd_bet_mode: str = "fast", fsl_template=None, name: str | None = None):
     """Preprocess one scan, write its MNI outputs and, when models apply to it, predict and
     write its brain-age table.
 
     ``lesion`` (utils.lesion_masks.LesionMask): with voxels, the lesions are filled, the filled image
     and the MNI lesion mask are written and the table gets lesion-filled rows too; its volume
     goes in ``lesion_volume_ml`` (also for a mask without voxels).
+
+    Models whose recipe is a publisher's (models/recipes.py) get their image from an
+    MNI152NLin6Asym branch (``fsl_template``: utils.templates.TemplateFiles), built only when one
+    of the scan's models needs it; its outputs are written as ``space-MNI152NLin6Asym``.
     """
     wf = pe.Workflow(name=name or f"scan_{_safe(scan.prefix)}_{scan.suffix}")
     models = models_for(scan, models)
     head = bool(models) and needs_head(models)
+    fsl = fsl_images(models) if models else ()
+    if fsl and fsl_template is None:
+        raise ValueError(f"{scan.relpath}: models {', '.join(r.name for r in models)} need the "
+                         "MNI152NLin6Asym template (fsl_template)")
     fill = lesion is not None and not lesion.empty
     preproc_wf = init_preproc_wf(template=template, template_mask=template_mask,
                                  skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
                                  source_file=scan.path, head=head, hd_bet_mode=hd_bet_mode,
                                  lesion_mask=lesion.path if fill else None,
-                                 lesion_error=lesion.error if fill else "")
+                                 lesion_error=lesion.error if fill else "",
+                                 fsl_template=fsl_template, fsl_images=fsl)
     preproc_wf.inputs.inputnode.in_file = scan.path
     # With models, the MNI outputs are written only once the prediction succeeded: a scan that
     # fails later publishes nothing (its crash file says why).
@@ -89,6 +98,19 @@ def init_scan_wf(*, scan: Scan, output_dir: str, template: str, template_mask: s
                                            "inputnode.out_distribution")]
              + ([("outputnode.out_saliency", "inputnode.out_saliency")] if saliency else [])),
         ])
+    for image in fsl:  # the publishers' recipes: their image to the predictor, then written
+        wf.connect([(preproc_wf, predict_wf, [
+            (f"outputnode.fsl_{image}_{f}", f"inputnode.fsl_{image}_{f}")
+            for f in FSL_INPUTS if f != "filled" or fill])])
+        ds_fsl_wf = init_ds_fsl_wf(scan=scan, output_dir=output_dir, image=image,
+                                   skull_strip=skull_strip, hd_bet_mode=hd_bet_mode,
+                                   template_source=fsl_template.source,
+                                   name=f"ds_fsl_{image}_wf")
+        wf.connect([
+            (preproc_wf, ds_fsl_wf, [(f"outputnode.fsl_{image}_{f}", f"inputnode.{f}")
+                                     for f in ("image", "mask", "registration_report")]),
+            (predict_wf, ds_fsl_wf, [("outputnode.out_tsv", "inputnode.after")]),
+        ])
     return wf
 
 
@@ -113,9 +135,10 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
                      skull_strip: str = "deepbet", device: str = "cpu", omp_nthreads: int = 1,
                      precision: str = "fast", saliency: bool = False,
                      lesion_masks: dict | None = None, hd_bet_mode: str = "fast",
-                     name: str = "brainage_wf"):
+                     fsl_template=None, name: str = "brainage_wf"):
     """The participant level over all selected scans, one sub-workflow per participant.
-    ``lesion_masks``: scan path -> utils.lesion_masks.LesionMask (see utils/lesion_masks.py)."""
+    ``lesion_masks``: scan path -> utils.lesion_masks.LesionMask (see utils/lesion_masks.py).
+    ``fsl_template``: utils.templates.TemplateFiles of MNI152NLin6Asym, for published models."""
     wf = pe.Workflow(name=name, base_dir=work_dir)
     by_subject: dict[str, list[Scan]] = {}
     for scan in scans:
@@ -126,5 +149,5 @@ def init_brainage_wf(*, scans: list[Scan], output_dir: str, work_dir: str, run_i
             template=template, template_mask=template_mask, models=models,
             skull_strip=skull_strip, device=device, omp_nthreads=omp_nthreads,
             precision=precision, saliency=saliency, lesion_masks=lesion_masks,
-            hd_bet_mode=hd_bet_mode)])
+            hd_bet_mode=hd_bet_mode, fsl_template=fsl_template)])
     return wf

@@ -9,6 +9,10 @@ from nipype.pipeline import engine as pe
 from ..interfaces.predict import PredictAge
 
 
+#: Inputs of each MNI152NLin6Asym branch the predictor reads (workflows/preproc.FSL_OUTPUTS).
+FSL_INPUTS = ("image", "mask", "registration_correlation", "registration_dice", "filled")
+
+
 def init_predict_wf(*, models: list, participant_id: str, session_id: str | None,
                     source_file: str, suffix: str, age: float | None, device: str = "cpu",
                     omp_nthreads: int = 1, precision: str = "fast", saliency: bool = False,
@@ -16,18 +20,24 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
                     lesion_volume_ml: float | None = None, name: str = "predict_wf"):
     """Predict brain age with every member of ``models`` (zoo.ModelRequest) on one scan.
 
-    One row per member; with more than one member, an ensemble row. ``saliency`` adds a
-    SmoothGrad map on the grid of ``template``. ``lesion_filled`` adds the rows of the
-    lesion-filled image (inputs ``filled``, ``filled_head``); ``lesion_volume_ml`` goes on every
-    row.
+    One row per member; with more than one member, an ensemble row. Each member reads the image
+    of its own recipe: the MNI152NLin2009aSym brain (``preproc``) or head (``head``), or an
+    MNI152NLin6Asym branch (``fsl_brain_*``, ``fsl_head_*``; see :func:`fsl_images`).
+    ``saliency`` adds a SmoothGrad map on the grid of ``template``. ``lesion_filled`` adds the
+    rows of the lesion-filled images (inputs ``filled``, ``filled_head``, ``fsl_*_filled``);
+    ``lesion_volume_ml`` goes on every row.
     Inputs: ``preproc``, ``mask``, ``head`` (optional), ``registration_correlation``,
-    ``registration_dice``, ``mask_volume_ml``, ``filled``, ``filled_head``. Outputs:
-    ``out_tsv``, ``out_json``, ``out_distribution``, ``out_saliency`` (with ``saliency``).
+    ``registration_dice``, ``mask_volume_ml``, ``filled``, ``filled_head`` and
+    ``fsl_<image>_<FSL_INPUTS>``. Outputs: ``out_tsv``, ``out_json``, ``out_distribution``,
+    ``out_saliency`` (with ``saliency``).
     """
+    fsl = fsl_images(models)
+    fsl_fields = [f"fsl_{image}_{f}" for image in fsl for f in FSL_INPUTS
+                  if f != "filled" or lesion_filled]
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(
         fields=["preproc", "mask", "head", "registration_correlation", "registration_dice",
-                "mask_volume_ml", "filled", "filled_head"]),
+                "mask_volume_ml", "filled", "filled_head"] + fsl_fields),
         name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(
         fields=["out_tsv", "out_json", "out_distribution", "out_saliency"]), name="outputnode")
@@ -49,7 +59,8 @@ def init_predict_wf(*, models: list, participant_id: str, session_id: str | None
         (inputnode, predict, [("preproc", "preproc_file"), ("mask", "mask_file"),
                               ("registration_correlation", "registration_correlation"),
                               ("registration_dice", "registration_dice"),
-                              ("mask_volume_ml", "mask_volume_ml")]),
+                              ("mask_volume_ml", "mask_volume_ml")]
+         + [(f, f) for f in fsl_fields]),
         (predict, outputnode, [("out_tsv", "out_tsv"), ("out_json", "out_json"),
                                ("out_distribution", "out_distribution")]),
     ])
@@ -77,6 +88,25 @@ def input_image(path: str) -> str:
     return input_spec(path).image
 
 
+def input_keys(models: list) -> set:
+    """The (template, image) pairs the members of ``models`` read (models.recipes.input_key):
+    which preprocessing branches a scan needs."""
+    from ..models.recipes import input_key
+
+    return {input_key(input_spec(m[1])) for r in models for m in r.members}
+
+
 def needs_head(models: list) -> bool:
-    """Whether any member reads the whole head (published FLAIR-Brain-Age recipe)."""
-    return any(input_image(m[1]) == "head" for r in models for m in r.members)
+    """Whether any member reads the whole head in MNI152NLin2009aSym (our own recipe; the
+    published whole-head models read it in MNI152NLin6Asym, :func:`fsl_images`)."""
+    from ..utils.templates import TEMPLATE
+
+    return (TEMPLATE, "head") in input_keys(models)
+
+
+def fsl_images(models: list) -> tuple:
+    """The MNI152NLin6Asym branches (``brain``, ``head``) the members of ``models`` need."""
+    from ..utils.templates import FSL_TEMPLATE
+
+    keys = input_keys(models)
+    return tuple(i for i in ("brain", "head") if (FSL_TEMPLATE, i) in keys)
