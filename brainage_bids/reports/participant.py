@@ -81,10 +81,8 @@ def _metrics(sidecar: dict, preproc_meta: dict, suffix: str) -> list[dict]:
     """Registration and mask figures with their thresholds (status ok / flag / None). The
     thresholds are those recorded in the sidecar (QCThresholds) when it has them, so older
     outputs are judged by the rules they were written under."""
-    from ..interfaces.predict import QC_THRESHOLDS
-
     rules = sidecar.get("QCThresholds") if isinstance(sidecar.get("QCThresholds"), dict) else {}
-    rules = rules or QC_THRESHOLDS
+    rules = rules or qc.REGISTRATION_THRESHOLDS
     out = []
     corr = sidecar.get("RegistrationCorrelation", preproc_meta.get("RegistrationCorrelation"))
     dice = sidecar.get("RegistrationMaskDice", preproc_meta.get("RegistrationMaskDice"))
@@ -363,13 +361,12 @@ def write_participant_report(output_dir, participant_id: str, *, run_id: str | N
 
 def threshold_rows() -> list[dict]:
     """Every QC threshold with its value and where it comes from (shown in the reports)."""
-    from ..interfaces.predict import QC_THRESHOLDS
-
     lo, hi = qc.MASK_VOLUME_RANGE_ML
+    reg = qc.REGISTRATION_THRESHOLDS
     return [
         {"flag": "low_registration",
-         "rule": f"mask Dice < {QC_THRESHOLDS.get('RegistrationMaskDiceMin')}, or T1w template "
-                 f"correlation < {QC_THRESHOLDS.get('RegistrationCorrelationMin')}",
+         "rule": f"mask Dice < {reg.get('RegistrationMaskDiceMin')}, or T1w template "
+                 f"correlation < {reg.get('RegistrationCorrelationMin')}",
          "basis": "Dice 0.93-0.97 and T1w correlation 0.46-0.62 on well registered IXI, MPRAGE "
                   "and MS scans; misregistrations fall far below"},
         {"flag": "age_outside_training_range",

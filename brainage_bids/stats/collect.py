@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..interfaces.predict import CONTRACT_COLUMNS, EXTRA_COLUMNS
+from ..utils.output_schema import CONTRACT_COLUMNS, EXTRA_COLUMNS
 
 LOG = logging.getLogger("brainage_bids.stats.collect")
 

@@ -41,8 +41,8 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..interfaces.predict import COLUMNS
 from ..utils.images import atomic_write_bytes, atomic_write_text
+from ..utils.output_schema import COLUMNS
 from .bias import (
     apply_bias,
     choose_fit_rows,
