@@ -137,6 +137,28 @@ def test_group_writes_every_table_with_stats_columns(cohort_run):
     assert any(f.startswith("roc_worsening_ensemble_FLAIR") for f in figures)
 
 
+def test_group_contrast_agreement_of_t1w_and_flair_sessions(cohort_run):
+    """Every session of the cohort has T1w and FLAIR rows: the table's Bland-Altman figures are
+    those of the ensemble rows' FLAIR - T1w differences, recomputed here."""
+    _, out, _, _ = cohort_run
+    table = _read(out / "group" / "stats" / "contrast_agreement.tsv").set_index("term")
+    rows = _read(out / "group" / "brainage.tsv")
+    ens = rows[(rows["model"] == "ensemble") & (rows["lesion_filled"].astype(str).str.lower() == "false")]
+    wide = ens.assign(session_id=ens["session_id"].fillna("")).pivot(
+        index=["participant_id", "session_id"], columns="suffix", values="predicted_age").dropna()
+    diff = wide["FLAIR"] - wide["T1w"]
+    assert table.loc["mean_difference", "n"] == len(diff) > 100
+    assert table.loc["mean_difference", "estimate"] == pytest.approx(diff.mean(), abs=1e-6)
+    assert table.loc["sd_difference", "estimate"] == pytest.approx(diff.std(ddof=1), abs=1e-6)
+    assert table.loc["mean_absolute_difference", "estimate"] == pytest.approx(diff.abs().mean(),
+                                                                             abs=1e-6)
+    assert table.loc["loa_upper", "estimate"] == pytest.approx(
+        diff.mean() + 1.96 * diff.std(ddof=1), abs=1e-6)
+    assert set(table["suffix_a"]) == {"T1w"} and set(table["suffix_b"]) == {"FLAIR"}
+    assert any(p.name.startswith("contrast_agreement_")
+               for p in (out / "group" / "figures").glob("*.png"))
+
+
 def test_group_table_and_bias_json(cohort_run):
     _, out, people, _ = cohort_run
     table = _read(out / "group" / "brainage.tsv")

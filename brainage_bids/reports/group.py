@@ -23,6 +23,7 @@ LOG = logging.getLogger("brainage_bids.reports")
 
 #: Order of the statistics tables in the report; others follow alphabetically.
 STATS_ORDER = ("evaluation", "site_mae", "model_comparison", "lesion_filling_agreement",
+               "contrast_agreement",
                "gap_summary", "gap_by_diagnosis", "gap_by_phenotype", "gap_longitudinal", "sex_by_diagnosis", "edss_by_diagnosis",
                "lm_gap_diagnosis", "lm_gap_phenotype", "lm_gap_duration", "lm_edss_gap",
                "psm_balance", "psm_gap", "psm_pairs", "edss_worsening", "roc_worsening",

@@ -371,6 +371,7 @@ class GroupRun:
                            ("cox_worsening", self.cox_worsening)]:
             self.attempt(name, lambda sub, f=func: f(sub, survival), subsets)
         self.lesion_filling_agreement(all_rows)
+        self.contrast_agreement(all_rows)
         self.finish()
         return {"brainage": str(self.group_dir / "brainage.tsv"),
                 "bias_correction": str(self.group_dir / "bias_correction.json"),
@@ -1103,6 +1104,50 @@ class GroupRun:
             plt.close(fig)
         except Exception as exc:  # a figure must not cost the table
             LOG.warning("Bland-Altman figure for %s/%s failed: %s", model, suffix, exc)
+        return table
+
+    # ---- ages of the same session from different contrasts (stats/contrast_agreement.py)
+    def contrast_agreement(self, df: pd.DataFrame) -> None:
+        """Agreement of the ages of the same session read in two contrasts, per pair of
+        contrasts; rows carrying an ``exclude_qc_flags`` flag are left out."""
+        from .contrast_agreement import ANALYSIS, agreement_subsets
+
+        flags = set(self.spec["exclude_qc_flags"])
+        if flags and len(df):
+            bad = df["qc_flags"].fillna("").astype(str).map(
+                lambda s: bool(set(s.split(";")) & flags))
+            df = df[~bad]
+        subsets = agreement_subsets(df) if len(df) else []
+        if not subsets:
+            def none():
+                raise Skip("no session read in two contrasts (run the participant level with "
+                           "e.g. --modalities T1w FLAIR)")
+            self.attempt(ANALYSIS, none)
+            return
+        self.attempt(ANALYSIS, self._contrast_agreement, subsets)
+
+    def _contrast_agreement(self, pairs: pd.DataFrame) -> pd.DataFrame:
+        from .agreement import bland_altman_figure
+        from .contrast_agreement import contrast_agreement
+
+        a, b = pairs.attrs["suffixes"]
+        if len(pairs) < 2:
+            raise Skip(f"{len(pairs)} session(s) read in both {a} and {b}: at least 2 are needed")
+        table = contrast_agreement(pairs)
+        try:
+            import matplotlib.pyplot as plt
+
+            fig = bland_altman_figure(pairs.rename(columns={"age_a": "raw", "age_b": "filled"}),
+                                      table, f"brain age from {b} against {a} (same sessions)")
+            for ax, (x, y) in zip(fig.axes, ((f"{a} brain age (years)", f"{b} brain age (years)"),
+                                             (f"mean of {a} and {b} (years)",
+                                              f"{b} - {a} (years)"))):
+                ax.set_xlabel(x)
+                ax.set_ylabel(y)
+            self._save(fig, self.fig_dir / f"contrast_agreement_{_slug(a, b)}.png")
+            plt.close(fig)
+        except Exception as exc:  # a figure must not cost the table
+            LOG.warning("Bland-Altman figure for %s/%s failed: %s", a, b, exc)
         return table
 
     # ---- figures

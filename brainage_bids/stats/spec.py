@@ -39,7 +39,7 @@ ANALYSES = ("evaluation", "site_mae", "model_comparison", "gap_summary", "gap_lo
             "gap_by_diagnosis", "gap_by_phenotype", "sex_by_diagnosis", "edss_by_diagnosis",
             "lm_gap_diagnosis", "lm_gap_phenotype", "lm_gap_duration", "lm_edss_gap", "psm",
             "edss_worsening", "roc_worsening", "km_worsening", "cox_worsening",
-            "lesion_filling_agreement")
+            "lesion_filling_agreement", "contrast_agreement")
 
 _STR, _INT, _FLOAT, _LIST = "a string", "an integer", "a number", "a list of strings"
 #: Expected type of every leaf: a type name, optionally with allowed choices or "null ok".
