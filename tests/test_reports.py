@@ -470,3 +470,47 @@ def test_lesion_slices_go_through_the_lesions():
     # the largest lesion's slices are at least 2 apart
     assert pos[0][:2] == [10, 12]
     assert lesion_slices(np.zeros((8, 8, 8)), n=3) == [[4], [4], [4]]
+
+
+def test_participant_report_shows_the_mae_next_to_every_age(tmp_path):
+    """Each age row carries its model's MAE: the sidecar's (publisher's) for a published model,
+    the model card's held-out test MAE for a model whose sidecar predates the MAE, n/a for an
+    ensemble without a published one."""
+    import re
+
+    out = tmp_path / "out"
+    anat = out / "sub-01" / "anat"
+    src = "sub-01/anat/sub-01_FLAIR.nii.gz"
+    write_rows(anat / "sub-01_desc-brainage_FLAIR.tsv", [
+        row("sub-01", "flair-brain-age-densenet-flair", 45.0, 51.25, None, "FLAIR", src=src),
+        row("sub-01", "m-a", 45.0, 47.5, 6.0, "FLAIR", src=src),
+        row("sub-01", "ensemble", 45.0, 49.375, 3.0, "FLAIR", src=src)])
+    meta = sidecar(["flair-brain-age-densenet-flair", "m-a"], ensemble=True)
+    meta["MAE"] = {"flair-brain-age-densenet-flair": {
+        "Value": 3.74, "Units": "year", "Source": "publisher",
+        "TestSet": "FLAIR-Brain-Age held-out test set (n=174)"}, "m-a": None, "ensemble": None}
+    (anat / "sub-01_desc-brainage_FLAIR.json").write_text(json.dumps(meta))
+    card = out / "models" / "m-a" / "m-a_card.json"
+    card.parent.mkdir(parents=True)
+    card.write_text(json.dumps({"name": "m-a", "test": {"n": 10, "mae": 4.2}}))
+    html = write_participant_report(out, "sub-01").read_text()
+
+    def cells(model):  # every table row of this model: the cells after its name
+        return [re.findall(r"<td[^>]*>(.*?)</td>", r, re.S)
+                for r in re.findall(r"<tr>(.*?)</tr>", html, re.S)
+                if re.search(rf"<td>{re.escape(model)}</td>", r)]
+
+    for model, age, mae, source in (
+            ("flair-brain-age-densenet-flair", "51.25", "3.74", "publisher: FLAIR-Brain-Age"),
+            ("m-a", "47.50", "4.20", "model card (held-out test): n=10"),
+            ("ensemble", "49.38", "n/a", None)):
+        rows = [c for c in cells(model) if f"<b>{age}</b>" in "".join(c)]
+        assert len(rows) == 2, model  # the summary table and the scan's table
+        for c in rows:
+            i = next(k for k, v in enumerate(c) if f"<b>{age}</b>" in v)
+            assert re.sub(r"<[^>]+>", "", c[i + 1]).strip() == mae, (model, c)
+            if source:
+                assert f'title="{source}' in c[i + 1]
+    # the models table: the same MAE in its test MAE column
+    listed = [c for c in cells("flair-brain-age-densenet-flair") if "sfcn" in c]
+    assert len(listed) == 1 and "3.74" in listed[0]

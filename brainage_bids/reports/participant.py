@@ -131,8 +131,25 @@ def _rows(table: pd.DataFrame | None, sidecar: dict, cards: dict) -> list[dict]:
         flags = [{"name": f, "source": "table"} for f in written]
         flags += [{"name": f, "source": "report"} for f in extra[i] if f not in written]
         rows.append({**{c: (None if c not in r or pd.isna(r[c]) else r[c]) for c in ROW_COLUMNS},
-                     "flags": flags})
+                     "flags": flags, "mae": row_mae(str(r.get("model")), sidecar, cards)})
     return rows
+
+
+def row_mae(model: str, sidecar: dict, cards: dict) -> dict | None:
+    """The MAE to read a row's age against: the sidecar's (the publisher's test MAE for
+    published models, the ensemble's for a published ensemble, else the model card's held-out
+    test MAE), else the card's test MAE for outputs written before sidecars carried it; None
+    when neither is known. ``{"value", "source", "test_set"}``."""
+    entry = (sidecar.get("MAE") or {}).get(model) if isinstance(sidecar.get("MAE"), dict) \
+        else None
+    if isinstance(entry, dict) and qc.as_finite(entry.get("Value")) is not None:
+        return {"value": float(entry["Value"]), "source": str(entry.get("Source") or ""),
+                "test_set": str(entry.get("TestSet") or "")}
+    test = (cards.get(model) or {}).get("test") or {}
+    if qc.as_finite(test.get("mae")) is not None:
+        return {"value": float(test["mae"]), "source": "model card (held-out test)",
+                "test_set": f"n={test['n']}" if test.get("n") else ""}
+    return None
 
 
 def _flag_list(rows: list[dict], sidecar: dict) -> list[dict]:
@@ -164,11 +181,11 @@ def _models(sidecar: dict, cards: dict) -> list[dict]:
     for m in sidecar.get("Models") or []:
         card = cards.get(m.get("Name"), {})
         rng = data.card_age_range(card)
-        test = card.get("test") or {}
         out.append({"name": m.get("Name"), "architecture": m.get("Architecture"),
                     "output": m.get("Output"), "modality": _trained_on(m),
                     "age_range": f"{rng[0]:.0f}-{rng[1]:.0f}" if rng else None,
-                    "test_mae": test.get("mae"), "sd_threshold": qc.sd_threshold(
+                    "test_mae": (row_mae(m.get("Name"), sidecar, cards) or {}).get("value"),
+                    "sd_threshold": qc.sd_threshold(
                         qc.reference_sd(card)) if m.get("Output") == "bins" else None})
     return out
 
