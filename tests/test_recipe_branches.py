@@ -24,6 +24,7 @@ from brainage_bids.utils.bids import collect_scans
 from brainage_bids.utils.templates import FSL_TEMPLATE, TEMPLATE, get_template
 from brainage_bids.workflows.outputs import derivative_paths
 from brainage_bids.workflows.participant import init_brainage_wf
+from brainage_bids.workflows.predict import fsl_images
 
 from conftest import REFERENCE, make_bids, template_image, write_fsl_template_stand_in
 
@@ -315,3 +316,20 @@ def test_participant_run_follows_the_publishers_recipes(tmp_path, monkeypatch, p
 def _sidecar(path):
     """The JSON sidecar of a derivative."""
     return path.with_name(path.name.replace(".nii.gz", ".json").replace(".tsv", ".json"))
+
+
+def test_methods_describe_the_publishers_recipes(published, random_model):
+    from brainage_bids.utils.provenance import participant_methods
+
+    def methods(models):
+        text, _ = participant_methods(
+            skull_strip="deepbet", template=TEMPLATE, template_source="nilearn", models=models,
+            modalities=["FLAIR"], omp_nthreads=1, seed=1, tools={},
+            fsl_images=fsl_images(models), fsl_template_source="TemplateFlow /tf")
+        return " ".join(text)
+
+    head = methods([resolve_request(DENSENET)])
+    assert "N4 on the whole head without a mask" in head and "TemplateFlow /tf" in head
+    assert "published SFCNs" not in head
+    assert "published SFCNs, the N4-corrected brain" in methods([resolve_request(SFCN)])
+    assert FSL_TEMPLATE not in methods([resolve_request(str(random_model))])

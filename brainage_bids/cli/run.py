@@ -570,7 +570,9 @@ def _participant(opts, log, scans, models, template, lesion_masks, plugin, bids_
         skull_strip=skull_strip, template=template.name, template_source=template.source,
         models=models, modalities=opts.modalities, omp_nthreads=opts.omp_nthreads,
         seed=REGISTRATION_SEED, lesion_filling=bool(lesion_masks),
-        preproc_only=opts.preproc_only, tools=tools)
+        preproc_only=opts.preproc_only, tools=tools,
+        fsl_images=fsl_images(models) if models else (),
+        fsl_template_source=fsl_template.source if fsl_template is not None else None)
     log.write_boilerplate(paragraphs, refs)
     write_derivative_description(bids_dir, output_dir)
     wf = init_brainage_wf(

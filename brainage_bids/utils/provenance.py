@@ -213,8 +213,11 @@ def _v(tools: dict, name: str) -> str:
 def participant_methods(*, skull_strip: str, template: str, template_source: str, models: list,
                         modalities: list[str], omp_nthreads: int, seed: int | None,
                         lesion_filling: bool = False, preproc_only: bool = False,
-                        tools: dict | None = None) -> tuple[list[str], list[str]]:
-    """Paragraphs and references describing what a participant run did."""
+                        tools: dict | None = None, fsl_images: tuple = (),
+                        fsl_template_source: str | None = None) -> tuple[list[str], list[str]]:
+    """Paragraphs and references describing what a participant run did. ``fsl_images``: the
+    publishers' MNI152NLin6Asym branches the run built (``brain``, ``head``;
+    workflows.predict.fsl_images), ``fsl_template_source`` where that template came from."""
     t = tools or versions()
     refs = ["nipype"]
     text = [f"Brain age was estimated with brainage-bids {__version__}, a BIDS App built on "
@@ -246,6 +249,21 @@ def participant_methods(*, skull_strip: str, template: str, template_source: str
     text.append(f"The template, {template} [{len(refs) - 1}] (RRID:SCR_008796), was read through "
                 f"TemplateFlow {_v(t, 'templateflow')} [{len(refs)}] (RRID:SCR_021876) from "
                 f"{template_source}.")
+    fsl = () if preproc_only else tuple(fsl_images)
+    if fsl:
+        steps = []
+        if "head" in fsl:
+            steps.append("for the FLAIR-Brain-Age Inception-ResNet-V2 and DenseNet169 models, N4 "
+                         "on the whole head without a mask and an affine registration of the "
+                         "whole head to the whole-head template")
+        if "brain" in fsl:
+            steps.append("for the published SFCNs, the N4-corrected brain registered affinely to "
+                         "the template brain (the template T1w masked by its brain mask)")
+        text.append(
+            "For the published models each scan was also prepared as their publishers prepared "
+            "their training images, on MNI152NLin6Asym (FSL's MNI152 1 mm template, in FSL's "
+            f"voxel order) read through TemplateFlow from {fsl_template_source}: "
+            f"{'; '.join(steps)} (AffineFast in ANTs [{ants}], linear interpolation).")
     if lesion_filling:
         refs.append("lesionfill")
         text.append("White-matter lesions given as masks were filled in native space, after N4, "
