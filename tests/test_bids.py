@@ -200,6 +200,10 @@ def test_derivative_paths(synthetic_bids, tmp_path):
         "filled": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-lesionfilled_T1w.nii.gz"),
         "lesion": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-lesion_mask.nii.gz"),
         "saliency": str(base / "sub-04_ses-A_space-MNI152NLin2009aSym_desc-saliency_T1w.nii.gz"),
+        # the publishers' recipes, apart in MNI152NLin6Asym: the brain and the whole head
+        "fsl_brain": str(base / "sub-04_ses-A_space-MNI152NLin6Asym_desc-preproc_T1w.nii.gz"),
+        "fsl_mask": str(base / "sub-04_ses-A_space-MNI152NLin6Asym_desc-brain_mask.nii.gz"),
+        "fsl_head": str(base / "sub-04_ses-A_space-MNI152NLin6Asym_desc-head_T1w.nii.gz"),
     }
 
 
