@@ -19,6 +19,7 @@ from nipype.interfaces.base import (
 from .. import __version__
 from ..reports import qc as _qc
 from ..utils.output_schema import COLUMNS, CONTRACT_COLUMNS, EXTRA_COLUMNS, column_descriptions
+from ..utils.templates import TEMPLATE
 
 # The flag logic lives in reports/qc.py; the old names stay importable from here.
 FLAG_ORDER = _qc.FLAG_ORDER
@@ -177,7 +178,7 @@ def brainage_sidecar(models, registration_correlation=None, mask_volume_ml=None,
     meta["Precision"] = precision
     meta["SoftwareVersion"] = __version__
     meta["GeneratedBy"] = [{"Name": "brainage-bids", "Version": __version__}]
-    meta["Template"] = "MNI152NLin2009aSym"
+    meta["Template"] = TEMPLATE
     meta["Templates"] = sorted({d["AppliedPreprocessing"]["Template"] for d in meta["Models"]})
     if registration_correlation is not None:
         meta["RegistrationCorrelation"] = round(float(registration_correlation), 4)
@@ -218,7 +219,7 @@ class BranchImage:
 def branch_images(inputs) -> dict:
     """(template, image) -> :class:`BranchImage` from the predictor's inputs: the
     MNI152NLin2009aSym brain and head, and the MNI152NLin6Asym brain and head branches."""
-    from ..utils.templates import FSL_TEMPLATE, TEMPLATE
+    from ..utils.templates import FSL_TEMPLATE
 
     def get(name):
         value = getattr(inputs, name)

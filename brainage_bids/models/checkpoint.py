@@ -227,6 +227,16 @@ def _is_densenet_layout(state: dict) -> bool:
     return "0.features.conv0.weight" in state and "1.weight" in state
 
 
+def read_checkpoint(path, what: str | None = None) -> tuple[object, str]:
+    """The object stored in ``path`` (loaded on the CPU, tensors only) and its layout
+    (:func:`detect_layout`); the ValueError when none fits names ``what`` (default the path)."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return obj, detect_layout(obj)
+    except ValueError as exc:
+        raise ValueError(f"{what or path}: {exc}") from None
+
+
 def detect_layout(obj) -> str:
     """``brainage-bids`` for our format, else the architecture of a published plain state_dict
     (``sfcn``, ``irv2``, ``densenet169``); ValueError otherwise."""
@@ -322,11 +332,7 @@ def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = 
     path = str(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model file not found: {path}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        layout = detect_layout(obj)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    obj, layout = read_checkpoint(path)
     card: dict = {}
     if layout == FORMAT:
         arch = obj.get("arch", "sfcn")
@@ -367,15 +373,11 @@ def load_model(path: str | os.PathLike, device: str = "cpu", name: str | None = 
 def _merge_card_file(card: dict, path: str) -> None:
     """Add the held-out figures (``test``, ``validation``) of the model card written next to the
     weights (``<stem>_card.json``) when the card inside the checkpoint lacks them."""
-    import json
+    from .cards import card_beside
 
-    card_file = Path(path).with_name(f"{Path(path).stem}_card.json")
-    if "test" in card or not card_file.is_file():
+    if "test" in card:
         return
-    try:
-        full = json.loads(card_file.read_text())
-    except (OSError, ValueError):
-        return
+    full = card_beside(path)
     for key in ("test", "validation"):
         if isinstance(full.get(key), dict):
             card[key] = {k: v for k, v in full[key].items() if k != "predictions"}

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.images import atomic_write_bytes, atomic_write_text, resample_to_grid
+from ..utils.templates import TEMPLATE
 from .checkpoint import IRV2_CROP, IRV2_RESIZE, SFCN_CROP, InputSpec, centre_crop_slices
 
-TEMPLATE = "MNI152NLin2009aSym"
 SALIENCY_PATTERN = re.compile(
     r"^(?P<prefix>sub-[^_]+(?:_[a-z]+-[^_]+)*?)_space-" + TEMPLATE
     + r"_desc-saliency_(?P<suffix>[A-Za-z0-9]+)\.nii\.gz$")

@@ -28,6 +28,7 @@ from scipy import stats
 from .. import __version__
 from ..utils.bids import Scan, collect_scans, load_filters, read_participants
 from ..utils.images import atomic_write_text
+from ..utils.templates import TEMPLATE
 from .augment import augment_batch
 from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint
 from .inference import model_input, resolve_device
@@ -79,17 +80,19 @@ def stratified_split(ids: list[str], ages: list[float], fraction: float, seed: i
 
 
 def metrics(y_true, y_pred) -> dict:
-    """MAE, R2 (1 - SSres/SStot), Pearson r, mean error and the slope of predicted on true age."""
+    """MAE, R2 (1 - SSres/SStot), Pearson r and mean error, as the group level's evaluation
+    computes them (:func:`brainage_bids.stats.evaluate.accuracy`), and the slope of predicted on
+    true age."""
+    from ..stats.evaluate import accuracy
+
     y_true = np.asarray(y_true, float)
     y_pred = np.asarray(y_pred, float)
-    err = y_pred - y_true
+    acc = accuracy(y_true, y_pred)
     ss_tot = float(((y_true - y_true.mean()) ** 2).sum())
-    r = float(stats.pearsonr(y_true, y_pred)[0]) if len(y_true) > 2 else float("nan")
     slope = (float(np.polyfit(y_true, y_pred, 1)[0]) if len(y_true) > 1 and ss_tot > 0
              else float("nan"))
-    return {"n": int(len(y_true)), "mae": float(np.abs(err).mean()),
-            "r2": 1.0 - float((err ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan"),
-            "pearson_r": r, "mean_error": float(err.mean()), "slope": slope}
+    return {"n": int(len(y_true)), "mae": acc["mae"], "r2": acc["r2"],
+            "pearson_r": acc["pearson_r"], "mean_error": acc["mean_error"], "slope": slope}
 
 
 def uncertainty_figures(y_true, y_pred, sds) -> dict | None:
@@ -673,7 +676,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "age_range": [float(all_ages.min()), float(all_ages.max())],
         "age_bins": config.get("bins", [None, None])[:2], "channels": config.get("channels"),
         "parameters": int(sum(p.numel() for p in net0.parameters())),
-        "input": {"space": "MNI152NLin2009aSym", "voxel_size": opts.voxel_size, "shape": list(shape),
+        "input": {"space": TEMPLATE, "voxel_size": opts.voxel_size, "shape": list(shape),
                   "normalisation": "mean inside the brain mask"},
         "validation": results["validation"], "test": results["test"],
         "members": [{k: v for k, v in m.items() if k != "net"} for m in members],

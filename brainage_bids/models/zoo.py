@@ -30,8 +30,8 @@ from .checkpoint import (
     UKB_INPUT,
     InputSpec,
     contrasts_of,
-    detect_layout,
     mni_box_grid,
+    read_checkpoint,
     sha256sum,
 )
 
@@ -306,12 +306,7 @@ def install(name: str, source: str | os.PathLike, sha256: str | None = None) -> 
     expected = sha256 or entry.sha256
     if expected and digest != expected.lower():
         raise ValueError(f"{source}: sha256 {digest} does not match {expected} recorded for {name}")
-    import torch
-    obj = torch.load(source, map_location="cpu", weights_only=True)
-    try:
-        layout = detect_layout(obj)
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    obj, layout = read_checkpoint(source)
     arch = obj.get("arch", "sfcn") if layout == FORMAT else layout
     kind = "our checkpoint format" if layout == FORMAT else "published layout"
     if arch != entry.arch:
@@ -380,12 +375,7 @@ def resolve_request(value: str) -> ModelRequest:
     if not path.is_file():
         raise FileNotFoundError(f"--model {value}: neither a zoo model ({', '.join(sorted(REGISTRY))})"
                                 " nor an existing file")
-    import torch
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    try:
-        layout = detect_layout(obj)
-    except ValueError as exc:
-        raise ValueError(f"--model {value}: {exc}") from None
+    obj, layout = read_checkpoint(path, f"--model {value}")
     if layout == FORMAT:
         declared, name = obj.get("modality", "T1w"), obj.get("name") or path.stem
     else:

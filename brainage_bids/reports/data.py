@@ -5,7 +5,6 @@ only some of them) and returns None or an empty frame instead.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,10 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
-TEMPLATE = "MNI152NLin2009aSym"
+from ..models.cards import model_card, packaged_cards_dir  # noqa: F401 (data.model_card)
+from ..models.cards import read_card as read_json
+from ..utils.templates import TEMPLATE
+
 IMAGE_SUFFIXES = ("T1w", "FLAIR", "T2w")
 _ENTITY = r"(?:_(?:ses|acq|ce|rec|run|dir|echo|part|inv)-[a-zA-Z0-9]+)"
 NAME_PATTERN = re.compile(
@@ -121,17 +123,6 @@ def read_tsv(path) -> pd.DataFrame | None:
         return None
 
 
-def read_json(path) -> dict:
-    """A JSON object, or {} when absent or unreadable."""
-    if path is None or not Path(path).is_file():
-        return {}
-    try:
-        obj = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
 def source_dataset(output_dir, bids_dir=None) -> Path | None:
     """The input BIDS dataset: ``bids_dir``, else the local ``file://`` SourceDatasets URL in the
     derivatives' dataset_description.json, when that folder exists."""
@@ -180,32 +171,6 @@ def find_crash_files(output_dir, participant_id: str, n_lines: int = 8) -> list[
                      if ln.lower().startswith("node:")), "")
         out.append(CrashFile(path.parent.name, path, node, lines[-n_lines:]))
     return out
-
-
-def packaged_cards_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "data" / "models"
-
-
-def model_card(output_dir, name: str) -> dict:
-    """Model card of ``name``: OUTPUT_DIR/models/<name>/<name>_card.json, else the packaged one,
-    else a summary from the model zoo registry ({} when unknown)."""
-    for path, where in ((Path(output_dir) / "models" / name / f"{name}_card.json",
-                         f"models/{name}/{name}_card.json in the outputs"),
-                        (packaged_cards_dir() / f"{name}_card.json",
-                         f"{name}_card.json shipped with brainage-bids")):
-        card = read_json(path)
-        if card:
-            card.setdefault("_source", where)
-            return card
-    try:
-        from ..models.zoo import REGISTRY
-    except Exception:  # pragma: no cover - the zoo is part of the package
-        return {}
-    entry = REGISTRY.get(name)
-    if entry is None:
-        return {}
-    return {"name": name, "architecture": entry.arch, "modality": entry.modality,
-            "citation": entry.citation, "notes": entry.notes, "_source": "model zoo registry"}
 
 
 def card_age_range(card: dict) -> tuple[float, float] | None:

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..stats.collect import is_lesion_filled
 from ..utils.images import atomic_write_text
 from . import data, qc
+from .group_figures import slug as _slug
 from ..utils.provenance import latest_boilerplate
 from .html import relpath, render
 
@@ -30,14 +32,6 @@ STATS_ORDER = ("evaluation", "site_mae", "model_comparison", "lesion_filling_agr
                "km_worsening", "logrank_worsening", "cox_worsening")
 SITE_COLUMNS = ("site", "centre", "center", "scanner")
 MAX_ROWS = 300
-
-
-def _slug(*parts) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9]+", "-", str(p)).strip("-") for p in parts if p)
-
-
-def _is_true(v) -> bool:
-    return str(v).strip().lower() == "true"
 
 
 def collect_rows(output_dir) -> pd.DataFrame | None:
@@ -212,7 +206,7 @@ def write_group_report(output_dir, *, bids_dir=None, group_column: str = "diagno
     models: list[str] = []
     if table is not None and len(table):
         table, site = _with_clinical(table, participants, group_column)
-        raw = table[~table["lesion_filled"].map(_is_true)] if "lesion_filled" in table else table
+        raw = table[~is_lesion_filled(table)] if "lesion_filled" in table else table
         n_participants = table["participant_id"].nunique()
         n_scans = table.groupby(["participant_id", table["session_id"].fillna(""),
                                  "suffix"]).ngroups

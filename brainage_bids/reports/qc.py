@@ -186,7 +186,8 @@ def scan_flags(*, predicted_age_sd=None, reference_sd=None, mask_volume_ml=None)
     return flags
 
 
-def _is_true(v) -> bool:
+def is_true(v) -> bool:
+    """Whether a table cell reads as true ("true", "1" or "yes", any case)."""
     return str(v).strip().lower() in ("true", "1", "yes")
 
 
@@ -200,7 +201,7 @@ def lesion_filling_flags(rows) -> list[list[str]]:
     out: list[list[str]] = [[] for _ in range(len(df))]
     if df.empty or not {"model", "predicted_age", "lesion_filled"} <= set(df.columns):
         return out
-    filled = df["lesion_filled"].map(_is_true)
+    filled = df["lesion_filled"].map(is_true)
     for model, g in df.groupby(df["model"].astype(str), sort=False):
         raw = [as_finite(v) for v in g.loc[~filled[g.index], "predicted_age"]]
         fil = [as_finite(v) for v in g.loc[filled[g.index], "predicted_age"]]
@@ -234,7 +235,7 @@ def evaluate_rows(rows: pd.DataFrame, *, mask_volume_ml=None, reference_sds: dic
     members = members or {}
     rows = rows.reset_index(drop=True)
     out = []
-    filled = rows["lesion_filled"].map(_is_true) if "lesion_filled" in rows else None
+    filled = rows["lesion_filled"].map(is_true) if "lesion_filled" in rows else None
     for i, r in rows.iterrows():
         model = str(r.get("model"))
         ref = reference_sds.get(model)

@@ -18,7 +18,8 @@ Per (model, suffix), in ``stats/lesion_filling_agreement.tsv`` (STATS_COLUMNS, t
 - ``proportional_bias``: slope of the differences on the pair means (Bland & Altman 1999), t CI
   and p.
 
-A Bland-Altman figure per (model, suffix) goes to ``group/figures/``.
+A Bland-Altman figure per (model, suffix) goes to ``group/figures/``
+(:func:`brainage_bids.reports.group_figures.bland_altman_figure`).
 """
 from __future__ import annotations
 
@@ -144,43 +145,8 @@ def agreement_subsets(df: pd.DataFrame) -> list:
     return out
 
 
-def bland_altman_figure(pairs: pd.DataFrame, table: pd.DataFrame, title: str):
-    """Filled against raw brain age (identity line, r and R2) and the Bland-Altman plot
-    (difference against mean, bias and 95 % limits with their CIs). Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    est = table.set_index("term")
-    raw = pairs["raw"].to_numpy(float)
-    filled = pairs["filled"].to_numpy(float)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.5, 4.2))
-    ax1.scatter(raw, filled, s=16, alpha=0.75)
-    lim = [min(raw.min(), filled.min()) - 2, max(raw.max(), filled.max()) + 2]
-    ax1.plot(lim, lim, "k--", lw=0.8)
-    ax1.set_xlim(lim)
-    ax1.set_ylim(lim)
-    r = est.loc["pearson_r", "estimate"]
-    ax1.set_title(f"r = {r:.3f}, R² = {r * r:.3f}" if np.isfinite(r) else "r: n/a", fontsize=10)
-    ax1.set_xlabel("raw brain age (years)")
-    ax1.set_ylabel("lesion-filled brain age (years)")
-    mean = (raw + filled) / 2.0
-    ax2.scatter(mean, filled - raw, s=16, alpha=0.75)
-    for term, style, label in (("loa_upper", "--", "upper 95 % limit"),
-                               ("mean_difference", "-", "mean difference"),
-                               ("loa_lower", "--", "lower 95 % limit")):
-        row = est.loc[term]
-        ax2.axhline(row["estimate"], color="C3", ls=style, lw=1.2,
-                    label=f"{label} {row['estimate']:.2f}")
-        if np.isfinite(row["ci_low"]):
-            ax2.axhspan(row["ci_low"], row["ci_high"], lw=0, alpha=0.15,
-                        color="C3" if term == "mean_difference" else "0.5")
-    ax2.axhline(0, color="k", lw=0.6)
-    ax2.set_xlabel("mean of raw and lesion-filled (years)")
-    ax2.set_ylabel("lesion-filled - raw (years)")
-    ax2.set_title(f"Bland-Altman (n = {len(pairs)}; bands: 95 % CI)", fontsize=10)
-    ax2.legend(fontsize=7, loc="best")
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return fig
+def __getattr__(name):
+    if name == "bland_altman_figure":  # moved to the reports
+        from ..reports.group_figures import bland_altman_figure
+        return bland_altman_figure
+    raise AttributeError(name)

@@ -259,3 +259,75 @@ def choose_fit_rows(table: pd.DataFrame, is_control, *, output_dir: str | Path |
     if not parts:
         return pd.DataFrame(columns=cols)
     return pd.concat(parts, ignore_index=True)
+
+
+def fit_group_correction(merged: pd.DataFrame, is_control, patients: set, spec: dict, *,
+                         output_dir, fit_file, n_training_excluded: pd.Series
+                         ) -> tuple[dict, pd.DataFrame]:
+    """The group level's bias fits (spec ``bias``) and the rows they were fitted on: the
+    healthy-control rows (``is_control``), or the fit file's or out-of-fold predictions (see
+    :func:`choose_fit_rows`), never a patient's. A (model, suffix) without a fit gets a
+    ``skipped`` entry with the reason (``n_training_excluded``: control rows left out per
+    (model, suffix) because the model was trained on them)."""
+    controls = [str(c) for c in spec["controls"]]
+    fit_rows = choose_fit_rows(merged, is_control, output_dir=output_dir, fit_file=fit_file,
+                               patient_ids=patients, controls=controls,
+                               diagnosis_col=spec["columns"]["diagnosis"])
+    fit_rows = fit_rows.loc[~fit_rows["participant_id"].isin(list(patients)).to_numpy(bool)]
+    params = fit_bias(fit_rows, spec["bias"]["method"], min_n=spec["bias"]["min_controls"])
+    fitted = {(f["model"], f["suffix"]) for f in params["fits"]}
+    for model, suffix in sorted(set(zip(merged["model"], merged["suffix"]))):
+        if (model, suffix) not in fitted:
+            reason = (f"no healthy controls ({', '.join(controls)}) with an age among the "
+                      "rows of this model and suffix, and no out-of-fold predictions")
+            n_train = int(n_training_excluded.get((model, suffix), 0))
+            if n_train:
+                reason += (f" ({n_train} control row(s) left out: the model was trained on "
+                           "them)")
+            LOG.warning("bias correction of %s/%s skipped: %s", model, suffix, reason)
+            params["fits"].append({"model": model, "suffix": suffix, "status": "skipped",
+                                   "reason": reason, "n": 0, "rows": []})
+    return params, fit_rows
+
+
+def bias_document(params: dict, controls: list[str], fit_file) -> dict:
+    """``bias_correction.json``: the fits with their formula, grouping and provenance (valid JSON:
+    numpy scalars made plain, NaN/inf null)."""
+    from datetime import datetime, timezone
+
+    from .. import __version__
+
+    doc = {"Description": "linear age-bias correction fitted on healthy controls only",
+           "GeneratedBy": {"Name": "brainage-bids", "Version": __version__},
+           "Date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "ControlLabels": controls,
+           "FitFile": str(fit_file) if fit_file else None,
+           "Formula": ("predicted = slope * age + intercept; predicted_corrected = "
+                       "(predicted - intercept) / slope; gap_corrected = "
+                       "predicted_corrected - age")
+           if params["method"] == "cole" else
+           ("gap = slope * age + intercept; gap_corrected = gap - (slope * age + intercept); "
+            "predicted_corrected = age + gap_corrected"),
+           "Grouping": "one fit per (model, suffix); raw rows, first session of each "
+                       "participant; applied to raw and lesion-filled rows alike",
+           "ExcludedRowsDescription": "control rows left out of the fit because they carry "
+                                      "a flag of exclude_qc_flags",
+           **params}
+    return _json_ready(doc)
+
+
+def _json_ready(obj):
+    """``obj`` with numpy scalars made plain and NaN/inf made null (valid JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if obj is None or isinstance(obj, str):
+        return obj
+    return None if pd.isna(obj) else str(obj)

@@ -19,7 +19,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .table import complete as _complete
 from .table import stats_frame
+from .table import t_interval as _t_interval
 
 LOG = logging.getLogger("brainage_bids.stats.clinical")
 
@@ -29,23 +31,9 @@ EXACT_RANK_LIMIT = 50
 
 # ---------------------------------------------------------------------------------------------
 # helpers
-def _complete(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise KeyError(f"columns {missing} not in the table (has {list(df.columns)})")
-    return df.dropna(subset=list(columns))
-
-
 def _levels(values: pd.Series) -> list:
     """Distinct values in sorted order."""
     return sorted(pd.unique(values))
-
-
-def _t_interval(x: np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    if len(x) < 2:
-        return float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, len(x) - 1) * np.std(x, ddof=1) / np.sqrt(len(x))
-    return float(np.mean(x) - half), float(np.mean(x) + half)
 
 
 def _mean_rows(analysis: str, d: pd.DataFrame, value: str, group: str, levels: list) -> list[dict]:

@@ -33,17 +33,9 @@ import pandas as pd
 from scipy import stats
 
 from .table import stats_frame
+from .table import t_interval as _t_interval
 
 R2_CONVENTION = "1 - SSres/SStot of predicted vs age (sklearn r2_score)"
-
-
-def _t_interval(x: np.ndarray) -> tuple[float, float]:
-    n = len(x)
-    if n < 2:
-        return float("nan"), float("nan")
-    m, se = float(np.mean(x)), float(np.std(x, ddof=1) / np.sqrt(n))
-    h = stats.t.ppf(0.975, n - 1) * se
-    return m - h, m + h
 
 
 def accuracy(age, predicted) -> dict:

@@ -7,12 +7,12 @@ Efron ties); ``tests/test_stats_vs_r.py`` checks them against R.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .table import complete as _complete
 from .table import stats_frame
 
 LOG = logging.getLogger("brainage_bids.stats.survival")
@@ -21,13 +21,6 @@ DAYS_PER_YEAR = 365.25
 #: EDSS worsening: +1.0 when baseline EDSS <= 5.5, else +0.5 (the NMOSD/RRMS study).
 EDSS_STEP_LOW, EDSS_STEP_HIGH, EDSS_STEP_LIMIT = 1.0, 0.5, 5.5
 _TOL = 1e-9  # EDSS is on a 0.5 grid; guards against float noise in the comparisons
-
-
-def _complete(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise KeyError(f"columns {missing} not in the table (has {list(df.columns)})")
-    return df.dropna(subset=list(columns))
 
 
 def _event(s: pd.Series) -> np.ndarray:
@@ -144,38 +137,6 @@ def kaplan_meier(df: pd.DataFrame, duration: str, event: str, group: str | None 
     return stats_frame(rows)
 
 
-def plot_kaplan_meier(df: pd.DataFrame, duration: str, event: str, group: str | None,
-                      path: str | Path, *, title: str | None = None,
-                      xlabel: str = "years") -> Path:
-    """Kaplan-Meier curves (with 95 % CI bands and censoring marks), one per level of ``group``,
-    written as a PNG to ``path``; returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from lifelines import KaplanMeierFitter
-
-    cols = [duration, event] + ([group] if group else [])
-    d = _complete(df, cols)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    try:
-        for lvl, g in _groups(d, group):
-            kmf = KaplanMeierFitter().fit(g[duration].astype(float), _event(g[event]),
-                                          label=f"{lvl} (n={len(g)})")
-            kmf.plot_survival_function(ax=ax, show_censors=True, ci_show=True)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("event-free probability")
-        ax.set_ylim(0, 1.05)
-        if title:
-            ax.set_title(title)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
-    return path
-
-
 def logrank(df: pd.DataFrame, duration: str, event: str, group: str, *,
             analysis: str = "logrank") -> pd.DataFrame:
     """Log-rank test of equal survival across the levels of ``group`` (lifelines
@@ -257,3 +218,10 @@ def cox_univariable_multivariable(df: pd.DataFrame, duration: str, event: str,
     parts.append(cox_model(df, duration, event, list(covariates), analysis=analysis)
                  .assign(model="multivariable"))
     return pd.concat(parts, ignore_index=True)
+
+
+def __getattr__(name):
+    if name == "plot_kaplan_meier":  # moved to the reports
+        from ..reports.group_figures import plot_kaplan_meier
+        return plot_kaplan_meier
+    raise AttributeError(name)
