@@ -143,6 +143,9 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     mask_file = File(exists=True, mandatory=True)
     num_threads = traits.Int(1, usedefault=True)
+    write_head = traits.Bool(True, usedefault=True,
+                             desc="also write out_head (a full-size image: only when a later "
+                                  "step reads the whole head)")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -158,10 +161,12 @@ class N4InMask(SimpleInterface):
 
     def _run_interface(self, runtime):
         out = os.path.join(runtime.cwd, "brain_n4.nii.gz")
-        head = os.path.join(runtime.cwd, "head_n4.nii.gz")
+        head = os.path.join(runtime.cwd, "head_n4.nii.gz") if self.inputs.write_head else None
         n4_in_mask(self.inputs.in_file, self.inputs.mask_file, out, self.inputs.num_threads,
                    out_head=head)
-        self._results.update(out_file=out, out_head=head)
+        self._results["out_file"] = out
+        if head:
+            self._results["out_head"] = head
         return runtime
 
 

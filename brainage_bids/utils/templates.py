@@ -88,13 +88,32 @@ def _get(client, name: str, **query) -> Path | None:
     return Path(client.get(name, resolution=1, extension=".nii.gz", **query))
 
 
+def _direct(home: Path, name: str, suffix: str, desc: str | None):
+    """TemplateFlow's own file for the query, found by its name without indexing the cache:
+    ``(True, path)``; ``(True, None)`` for the empty stub of a file not fetched, or for a name
+    absent from a template folder without cohorts; None when the client must look (cohort
+    folders, or the name there twice: ``res-1`` and ``res-01``). Building the client's index of
+    the whole cache costs seconds at every run."""
+    folder = home / f"tpl-{name}"
+    stem = f"_desc-{desc}_{suffix}" if desc else f"_{suffix}"
+    hits = [p for p in (folder / f"tpl-{name}_res-{r}{stem}.nii.gz" for r in ("1", "01"))
+            if p.is_file()]
+    if len(hits) > 1 or (not hits and any(p.is_dir() for p in folder.iterdir())):
+        return None
+    return True, (hits[0] if hits and hits[0].stat().st_size > 0 else None)
+
+
 def _from_templateflow(name: str, home: Path) -> TemplateFiles | None:
     if not home.is_dir() or not (home / f"tpl-{name}").is_dir():
         return None
-    client = _client(home)
-    head = _get(client, name, suffix="T1w", desc=None)
-    brain = _get(client, name, suffix="T1w", desc="brain")
-    mask = _get(client, name, suffix="mask", desc="brain")
+    queries = {"head": ("T1w", None), "brain": ("T1w", "brain"), "mask": ("mask", "brain")}
+    direct = {k: _direct(home, name, *q) for k, q in queries.items()}
+    if all(direct.values()):
+        head, brain, mask = (direct[k][1] for k in ("head", "brain", "mask"))
+    else:
+        client = _client(home)
+        head, brain, mask = (_get(client, name, suffix=q[0], desc=q[1])
+                             for q in queries.values())
     if mask is None or (brain is None and head is None):
         return None
     source = f"TemplateFlow {home}"

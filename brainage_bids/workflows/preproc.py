@@ -64,7 +64,9 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
     strip = pe.Node(SkullStrip(method=skull_strip, device=device, source_file=source_file,
                                num_threads=omp_nthreads, hd_bet_mode=hd_bet_mode),
                     name="skull_strip", n_procs=omp_nthreads, mem_gb=MEM_GB[skull_strip])
-    n4 = pe.Node(N4InMask(num_threads=omp_nthreads), name="n4", n_procs=omp_nthreads)
+    # the whole head only for the steps that read it (head_to_mni, the lesion fill with head)
+    n4 = pe.Node(N4InMask(num_threads=omp_nthreads, write_head=head), name="n4",
+                 n_procs=omp_nthreads)
     register = pe.Node(RegisterToTemplate(template=template, template_mask=template_mask,
                                           num_threads=omp_nthreads),
                        name="register", n_procs=omp_nthreads)

@@ -1,0 +1,63 @@
+"""What keeps the participant level's overhead down (issue 17, point 7; the figures are
+scripts/benchmark_participant.py's): no full garbage collection of the start-up's objects at
+every Nipype step, the workers' imports in the forkserver, no unused whole-head N4 image."""
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+
+from brainage_bids.cli import run as cli_run
+from brainage_bids.utils.templates import get_template
+from brainage_bids.workflows.preproc import init_preproc_wf
+
+
+def test_run_workflow_freezes_the_startup_objects(monkeypatch):
+    seen = {}
+
+    class FakeWorkflow:
+        def run(self, **plugin):
+            seen["frozen"] = gc.get_freeze_count()
+
+    opts = SimpleNamespace(plugin="Linear")
+    before = gc.get_freeze_count()
+    code = cli_run.run_workflow(FakeWorkflow(), {"plugin": "Linear", "plugin_args": {}},
+                                cli_run.Progress(0), opts, "/nonexistent")
+    assert code is None
+    assert seen["frozen"] > 0, "gc.freeze() before the workflow runs"
+    assert gc.get_freeze_count() == before, "and gc.unfreeze() after it"
+
+
+def test_worker_preload_starts_with_the_run_log():
+    assert cli_run.WORKER_PRELOAD[0] == "brainage_bids.utils.worker_logging"
+    assert {"torch", "deepbet", "ants", "brainage_bids.interfaces.skullstrip"} <= set(
+        cli_run.WORKER_PRELOAD)
+
+
+def test_start_workers_only_for_multiproc():
+    cli_run._WORKERS_STARTED.clear()
+    cli_run.start_workers(SimpleNamespace(plugin="Linear"))
+    assert not cli_run._WORKERS_STARTED
+
+
+def test_n4_writes_the_whole_head_only_when_read():
+    template = get_template()
+    for head in (False, True):
+        wf = init_preproc_wf(template=str(template.brain), template_mask=str(template.mask),
+                             head=head)
+        assert wf.get_node("n4").inputs.write_head is head
+
+
+def test_templateflow_files_found_by_name_without_indexing(tmp_path):
+    from brainage_bids.utils import templates as T
+
+    folder = tmp_path / "tpl-X"
+    folder.mkdir()
+    (folder / "tpl-X_res-01_T1w.nii.gz").write_bytes(b"fetched")
+    (folder / "tpl-X_res-01_desc-brain_mask.nii.gz").write_bytes(b"")  # a stub, not fetched
+    assert T._direct(tmp_path, "X", "T1w", None) == (True, folder / "tpl-X_res-01_T1w.nii.gz")
+    assert T._direct(tmp_path, "X", "mask", "brain") == (True, None)
+    assert T._direct(tmp_path, "X", "T1w", "brain") == (True, None)  # absent, no cohorts
+    (folder / "cohort-1").mkdir()
+    assert T._direct(tmp_path, "X", "T1w", "brain") is None  # the client must look
+    (folder / "tpl-X_res-1_T1w.nii.gz").write_bytes(b"x")
+    assert T._direct(tmp_path, "X", "T1w", None) is None  # two names: the client decides
