@@ -61,3 +61,20 @@ def test_templateflow_files_found_by_name_without_indexing(tmp_path):
     assert T._direct(tmp_path, "X", "T1w", "brain") is None  # the client must look
     (folder / "tpl-X_res-1_T1w.nii.gz").write_bytes(b"x")
     assert T._direct(tmp_path, "X", "T1w", None) is None  # two names: the client decides
+
+
+def test_forkserver_exits_without_tearing_down_its_imports():
+    """utils.worker_logging registers os._exit only in the forkserver (a child of the process
+    named in BRAINAGE_BIDS_FORKSERVER_PARENT); in a subprocess, as its import sets up logging."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import atexit, os; seen = []; atexit.register = lambda *a: seen.append(a); "
+            "import brainage_bids.utils.worker_logging; print((os._exit, 0) in seen)")
+    for parent, expected in ((os.getpid(), "True"), (0, "False")):
+        env = dict(os.environ, BRAINAGE_BIDS_FORKSERVER_PARENT=str(parent))
+        env.pop("BRAINAGE_BIDS_LOG_FILE", None)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=120)
+        assert out.stdout.strip() == expected, out.stderr

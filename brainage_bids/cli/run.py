@@ -646,6 +646,7 @@ def start_workers(opts) -> None:
 
     _stop_forkserver()
     mp.set_forkserver_preload(WORKER_PRELOAD)
+    os.environ["BRAINAGE_BIDS_FORKSERVER_PARENT"] = str(os.getpid())  # utils.worker_logging
     try:
         forkserver.ensure_running()
     except Exception as exc:  # noqa: BLE001 - run_workflow starts it on the first job instead
@@ -675,6 +676,7 @@ def run_workflow(wf, plugin: dict, progress: Progress, opts, work_dir) -> int | 
     if opts.plugin == "MultiProc" and not _WORKERS_STARTED:
         _stop_forkserver()
         mp.set_forkserver_preload(WORKER_PRELOAD)
+        os.environ["BRAINAGE_BIDS_FORKSERVER_PARENT"] = str(os.getpid())
     _WORKERS_STARTED.clear()
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
     gc.collect()

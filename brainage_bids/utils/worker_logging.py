@@ -33,4 +33,16 @@ def configure() -> None:
         logging.getLogger(name).propagate = True
 
 
+def exit_fast_in_forkserver() -> None:
+    """In the forkserver (the child of the process that started it: cli.run.start_workers names
+    that process in ``BRAINAGE_BIDS_FORKSERVER_PARENT``), leave with ``os._exit`` once the exit
+    handlers ran: tearing down the PyTorch, deepbet and antspyx it preloads would take seconds
+    while the run waits for it. Its workers leave with ``os._exit`` anyway."""
+    if os.environ.get("BRAINAGE_BIDS_FORKSERVER_PARENT") == str(os.getppid()):
+        import atexit
+
+        atexit.register(os._exit, 0)
+
+
 configure()
+exit_fast_in_forkserver()
