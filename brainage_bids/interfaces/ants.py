@@ -222,21 +222,18 @@ class _RegisterOutputSpec(TraitedSpec):
     registration_dice = traits.Float(desc="Dice of the registered brain mask and the template mask")
 
 
-class RegisterToTemplate(SimpleInterface):
-    """Affine registration to the MNI template (see :func:`register_to_template`)."""
+class _TemplateRegistration(SimpleInterface):
+    """Runs ``_register`` (a function of this module) and writes its QC figures to a report."""
 
-    input_spec = _RegisterInputSpec
     output_spec = _RegisterOutputSpec
+    _files = ("", "", "")  # registered image, registered mask, transform
 
     def _run_interface(self, runtime):
-        out = os.path.join(runtime.cwd, "brain_mni.nii.gz")
-        out_mask = os.path.join(runtime.cwd, "brain_mni_mask.nii.gz")
-        xfm = os.path.join(runtime.cwd, "native2mni_affine.mat")
-        corr, dice = register_to_template(
+        out, out_mask, xfm = (os.path.join(runtime.cwd, f) for f in self._files)
+        corr, dice = type(self)._register(
             self.inputs.in_file, self.inputs.mask_file, self.inputs.template,
             self.inputs.template_mask, out, out_mask, xfm, self.inputs.transform,
-            self.inputs.num_threads,
-        )
+            self.inputs.num_threads)
         report = os.path.join(runtime.cwd, "registration.json")
         with open(report, "w") as fh:
             json.dump({"RegistrationCorrelation": corr, "RegistrationMaskDice": dice,
@@ -244,6 +241,14 @@ class RegisterToTemplate(SimpleInterface):
         self._results.update(out_file=out, out_mask=out_mask, out_transform=xfm, out_report=report,
                              registration_correlation=corr, registration_dice=dice)
         return runtime
+
+
+class RegisterToTemplate(_TemplateRegistration):
+    """Affine registration to the MNI template (see :func:`register_to_template`)."""
+
+    input_spec = _RegisterInputSpec
+    _files = ("brain_mni.nii.gz", "brain_mni_mask.nii.gz", "native2mni_affine.mat")
+    _register = staticmethod(register_to_template)
 
 
 class _N4HeadInputSpec(BaseInterfaceInputSpec):
@@ -273,25 +278,11 @@ class _RegisterHeadInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True)
 
 
-class RegisterHeadToTemplate(SimpleInterface):
+class RegisterHeadToTemplate(_TemplateRegistration):
     """Whole-head affine registration to the whole-head template (see
     :func:`register_head_to_template`)."""
 
     input_spec = _RegisterHeadInputSpec
-    output_spec = _RegisterOutputSpec
-
-    def _run_interface(self, runtime):
-        out = os.path.join(runtime.cwd, "head_template.nii.gz")
-        out_mask = os.path.join(runtime.cwd, "head_template_brain_mask.nii.gz")
-        xfm = os.path.join(runtime.cwd, "native2template_affine.mat")
-        corr, dice = register_head_to_template(
-            self.inputs.in_file, self.inputs.mask_file, self.inputs.template,
-            self.inputs.template_mask, out, out_mask, xfm, self.inputs.transform,
-            self.inputs.num_threads)
-        report = os.path.join(runtime.cwd, "registration.json")
-        with open(report, "w") as fh:
-            json.dump({"RegistrationCorrelation": corr, "RegistrationMaskDice": dice,
-                       "Transform": self.inputs.transform}, fh)
-        self._results.update(out_file=out, out_mask=out_mask, out_transform=xfm, out_report=report,
-                             registration_correlation=corr, registration_dice=dice)
-        return runtime
+    _files = ("head_template.nii.gz", "head_template_brain_mask.nii.gz",
+              "native2template_affine.mat")
+    _register = staticmethod(register_head_to_template)

@@ -52,6 +52,7 @@ from nipype.interfaces.base import (
 )
 from scipy import ndimage
 
+from ..utils.atropos import PRIOR_WEIGHT, prior_guided_atropos
 from ..utils.images import normalise_mean_in_mask
 
 FILL_SEED = 1
@@ -59,7 +60,6 @@ NEIGHBOURHOOD_MM = (2.0, 4.0, 8.0, 16.0, 32.0)
 MIN_NEIGHBOURS = 500
 NAWM_POSTERIOR = 0.9
 MIN_NAWM_ML = 1.0
-PRIOR_WEIGHT = 0.25
 REFERENCES = [
     ("Battaglini M, Jenkinson M, De Stefano N. Evaluating and reducing the impact of white matter "
      "lesions on brain volume measurements. Hum Brain Mapp. 2012;33:2062-2071"),
@@ -118,23 +118,11 @@ def segment_white_matter(data: np.ndarray, zooms, region: np.ndarray, priors: np
     """Prior-guided three-class Atropos inside ``region``; returns ``posterior`` (WM posterior),
     ``labels`` (1 CSF, 2 GM, 3 WM, 0 outside) and ``class_means`` (clipped intensities).
 
-    Atropos runs with a constant seed (its ``-r 0``; by default it seeds from the clock), so
-    reruns give identical results whatever the thread count.
+    Atropos runs with a constant seed, so reruns give identical results (see
+    :func:`~brainage_bids.utils.atropos.prior_guided_atropos`).
     """
-    import ants
-
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(threads)))
     region = region > 0
-    lo, hi = np.percentile(data[region], [1, 99])
-    clipped = np.clip(data, lo, hi).astype(np.float32)
-    spacing = tuple(float(z) for z in np.asarray(zooms, dtype=float)[:3])
-
-    def ants_img(a):
-        return ants.from_numpy(np.asarray(a, dtype=np.float32), spacing=spacing)
-
-    seg = ants.atropos(a=ants_img(clipped), x=ants_img(region.astype(np.float32)),
-                       i=[ants_img(p) for p in priors], m="[0.1,1x1x1]", c="[5,0]",
-                       priorweight=PRIOR_WEIGHT, r=0)
+    clipped, seg = prior_guided_atropos(data, zooms, region, priors, threads)
     labels = np.rint(seg["segmentation"].numpy()).astype(np.uint8) * region
     posterior = seg["probabilityimages"][2].numpy().astype(np.float32) * region
     means = [float(clipped[labels == k].mean()) if (labels == k).any() else float("nan")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.atropos import prior_guided_atropos
+
 LOG = logging.getLogger("brainage_bids.anatomy")
 
 CLASSES = ("csf", "gm", "wm", "deep_gm")
@@ -84,26 +86,12 @@ def segment_tissues(data: np.ndarray, mask: np.ndarray, priors: np.ndarray, zoom
                     threads: int = 1) -> np.ndarray:
     """Prior-guided three-class Atropos inside ``mask``: CSF, GM and WM posteriors (3, X, Y, Z),
     summing to 1 inside the mask and 0 outside (module docstring, step 2)."""
-    import ants
-
-    from ..interfaces.lesion_filling import PRIOR_WEIGHT
-
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(max(1, int(threads)))
     mask = np.asarray(mask) > 0
     if mask.sum() < 100:
         raise ValueError(f"brain mask of {int(mask.sum())} voxels: too small to segment")
     if priors.shape != (3,) + mask.shape:
         raise ValueError(f"priors of shape {priors.shape} do not match the image {mask.shape}")
-    lo, hi = np.percentile(data[mask], [1, 99])
-    clipped = np.clip(data, lo, hi).astype(np.float32)
-    spacing = tuple(float(z) for z in np.asarray(zooms, dtype=float)[:3])
-
-    def ants_img(a):
-        return ants.from_numpy(np.ascontiguousarray(a, dtype=np.float32), spacing=spacing)
-
-    seg = ants.atropos(a=ants_img(clipped), x=ants_img(mask.astype(np.float32)),
-                       i=[ants_img(p) for p in priors], m="[0.1,1x1x1]", c="[5,0]",
-                       priorweight=PRIOR_WEIGHT, r=0)
+    _, seg = prior_guided_atropos(data, zooms, mask, priors, threads)
     post = np.stack([p.numpy() for p in seg["probabilityimages"]]).astype(np.float32)
     post = np.clip(post, 0, None) * mask
     total = post.sum(0)

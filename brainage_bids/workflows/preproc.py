@@ -18,6 +18,15 @@ from ..interfaces.lesion_filling import FillLesions, FillLike, LesionMaskOnGrid,
 from ..interfaces.skullstrip import MEM_GB, SkullStrip
 
 
+
+def registration_outputs(image_field: str) -> list[tuple[str, str]]:
+    """The connections from a registration node to an outputnode: its image as ``image_field``,
+    then mask, transform, report and the registration QC figures."""
+    return [("out_file", image_field), ("out_mask", "mask"), ("out_transform", "transform"),
+            ("out_report", "registration_report"),
+            ("registration_correlation", "registration_correlation"),
+            ("registration_dice", "registration_dice")]
+
 def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "deepbet",
                     device: str = "cpu", omp_nthreads: int = 1, source_file: str = "",
                     hd_bet_mode: str = "fast",
@@ -77,11 +86,7 @@ def init_preproc_wf(*, template: str, template_mask: str, skull_strip: str = "de
         (n4, register, [("out_file", "in_file")]),
         (strip, register, [("out_mask", "mask_file")]),
         (strip, outputnode, [("mask_volume_ml", "mask_volume_ml")]),
-        (register, outputnode, [("out_file", "preproc"), ("out_mask", "mask"),
-                                ("out_transform", "transform"),
-                                ("registration_correlation", "registration_correlation"),
-                                ("registration_dice", "registration_dice"),
-                                ("out_report", "registration_report")]),
+        (register, outputnode, registration_outputs("preproc")),
     ])
     if head:
         head_to_mni = pe.Node(ApplyToTemplate(template=template), name="head_to_mni")
@@ -160,11 +165,7 @@ def init_fsl_brain_wf(*, template: str, template_mask: str, omp_nthreads: int = 
                        name="register", n_procs=omp_nthreads)
     wf.connect([
         (inputnode, register, [("brain", "in_file"), ("mask", "mask_file")]),
-        (register, outputnode, [("out_file", "image"), ("out_mask", "mask"),
-                                ("out_transform", "transform"),
-                                ("out_report", "registration_report"),
-                                ("registration_correlation", "registration_correlation"),
-                                ("registration_dice", "registration_dice")]),
+        (register, outputnode, registration_outputs("image")),
     ])
     if lesion:
         to_tpl = pe.Node(LesionToTemplate(template=template), name="filled_to_template")
@@ -197,11 +198,7 @@ def init_fsl_head_wf(*, template: str, template_mask: str, omp_nthreads: int = 1
         (inputnode, n4, [("in_file", "in_file")]),
         (n4, register, [("out_file", "in_file")]),
         (inputnode, register, [("mask", "mask_file")]),
-        (register, outputnode, [("out_file", "image"), ("out_mask", "mask"),
-                                ("out_transform", "transform"),
-                                ("out_report", "registration_report"),
-                                ("registration_correlation", "registration_correlation"),
-                                ("registration_dice", "registration_dice")]),
+        (register, outputnode, registration_outputs("image")),
     ])
     if lesion:
         fill = pe.Node(FillLike(), name="fill_head")
