@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -326,3 +327,30 @@ def test_train_and_group_share_one_definition_of_a_control(tmp_path):
                                                                         False]
     default = healthy_controls(participants.rename(columns={"group": "diagnosis"}))
     assert default == {"sub-0", "sub-1"}  # the default controls label is HC
+
+
+class _TouchOnUnpickle:
+    """An object whose unpickling creates a file: what a tampered checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_resume_never_unpickles_code_from_a_tampered_checkpoint(trained_inputs, tmp_path):
+    bids, out, work = trained_inputs
+    cmd = [str(bids), str(out), "train", "--model-name", "tampered", "--epochs", "1", "-w",
+           str(work), *ARGS]
+    assert main(cmd) == 0
+    last = work / "train_tampered" / "last.pt"
+    state = train_mod.torch.load(last, weights_only=False)
+    marker = tmp_path / "code-ran"
+    state["history"].append({"payload": _TouchOnUnpickle(marker)})
+    train_mod.torch.save(state, last)
+    try:
+        main(cmd)
+    except Exception as exc:  # refusing the file is acceptable; running its code is not
+        assert "weights" in str(exc).lower() or "unpickl" in str(exc).lower(), exc
+    assert not marker.exists()
