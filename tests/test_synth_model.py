@@ -64,6 +64,42 @@ def test_synth_trains_a_contrast_agnostic_ensemble_scored_on_real_images(synth_m
     assert manifest["modality"] == "T1w+FLAIR+T2w" and len(manifest["members"]) == 2
 
 
+def test_init_from_starts_each_member_from_the_same_fold_of_a_trained_model(
+        synth_model, trained_inputs, caplog):  # noqa: F811
+    """--init-from: with a learning rate of 0 the members keep the weights of the model they
+    start from (a random start would not); a model whose folds differ is refused."""
+    import torch
+
+    bids, out, work = trained_inputs
+    folder, card = synth_model
+    rc = main([str(bids), str(out), "train", "--model-name", "tinyinit", "--synth",
+               "--init-from", str(folder / "tinysynth_card.json"), "--learning-rate", "0",
+               "--ensemble-size", "2", "--ensemble-mode", "cv", "--epochs", "2",
+               "-w", str(work), *ARGS])
+    assert rc == 0
+    new_folder = out / "models" / "tinyinit"
+    new_card = json.loads((new_folder / "tinyinit_card.json").read_text())
+    assert new_card["initialised_from"] == str(folder / "tinysynth_card.json")
+    for k in (1, 2):
+        start = torch.load(folder / f"tinysynth-m{k}.pt", weights_only=True)["state_dict"]
+        end = torch.load(new_folder / f"tinyinit-m{k}.pt", weights_only=True)["state_dict"]
+        convs = [n for n in start if n.endswith("weight") and start[n].ndim == 5]
+        assert convs and all(torch.equal(start[n], end[n]) for n in convs)
+        assert new_card["members"][k - 1]["initialised_from"]["file"] == f"tinysynth-m{k}.pt"
+    md = (new_folder / "tinyinit_card.md").read_text()
+    assert "started from the weights of the same member" in md
+    # other folds (another seed) or another member count: refused before any training
+    rc = main([str(bids), str(out), "train", "--model-name", "tinybad", "--synth", "--seed", "5",
+               "--init-from", str(folder / "tinysynth_card.json"), "--ensemble-size", "2",
+               "--ensemble-mode", "cv", "--epochs", "1", "-w", str(work), *ARGS])
+    assert rc == 64 and "held out other participants" in caplog.text
+    rc = main([str(bids), str(out), "train", "--model-name", "tinybad", "--synth",
+               "--init-from", str(folder / "tinysynth_card.json"), "--ensemble-size", "3",
+               "--ensemble-mode", "cv", "--epochs", "1", "-w", str(work), *ARGS])
+    assert rc == 64 and "2 member(s), this run trains 3" in caplog.text
+    assert not (out / "models" / "tinybad").exists()
+
+
 def test_synth_refuses_other_training_contrasts(trained_inputs, caplog):  # noqa: F811
     bids, out, work = trained_inputs
     rc = main([str(bids), str(out), "train", "--model-name", "x", "--synth", "--modalities",

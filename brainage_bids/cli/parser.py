@@ -185,6 +185,12 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                          "tissue maps cached in the work dir, ~30 s per scan once); --augment is "
                          "not used; validation, out-of-fold and test figures are on the real T1w "
                          "images")
+    tr.add_argument("--init-from", metavar="CARD",
+                    help="start each member from the weights of the same member of a trained "
+                         "model: its _card.json (member files beside it) or a bundled model's "
+                         "name; with --ensemble-mode cv its members must have held out the same "
+                         "folds, so the out-of-fold figures stay honest (e.g. --synth fine-tuned "
+                         "from the T1w ensemble)")
     tr.add_argument("--synth-real-probability", type=float, default=0.0, metavar="P",
                     help="--synth: probability that a training sample is the scan's real T1w "
                          "image (through the same resolution, bias, noise and affine steps)")

@@ -12,10 +12,12 @@ selection, out-of-fold and test figures are always on the REAL T1w images.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -263,6 +265,9 @@ def _card_markdown(card: dict) -> str:
         f"{'the synthesis above' if card.get('synthesis') else _augmentation_text(card.get('augmentation'))}; "
         f"BatchNorm statistics recomputed over the training scans{' (one fixed synthetic image each)' if card.get('synthesis') else ''} before each evaluation; the epoch "
         "is selected among the second half of training.",
+        *([f"- Each member started from the weights of the same member of `{card['initialised_from']}` "
+           "(`--init-from`; that member held out the same fold, so the out-of-fold figures are "
+           "of scans neither network trained on)."] if card.get("initialised_from") else []),
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
         "## Limits",
@@ -387,13 +392,15 @@ def synth_options(opts):
 
 
 def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts, seed: int,
-               run_dir: Path, device: str, centres, label: str, probs_train=None):
+               run_dir: Path, device: str, centres, label: str, probs_train=None,
+               init: dict | None = None):
     """Train one network, keep the epoch of the second half with the lowest validation MAE;
     resumable.
 
     With ``probs_train`` (tissue maps of the training scans, ``--synth``) every batch is
     synthesised from them instead of augmenting ``x_train`` (the real images, which enter a
-    synthetic batch only through ``--synth-real-probability``).
+    synthetic batch only through ``--synth-real-probability``). ``init`` (from
+    :func:`initial_weights`) gives the weights training starts from.
 
     Returns (network with the best weights, best epoch (1-based), history, validation predictions
     of the last epoch (ages, SDs): the figures of a member whose epoch was not selected on them).
@@ -403,7 +410,10 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dropout = getattr(opts, "dropout", None)
-    net = build_trainable(arch, config, float(np.mean(y_train)), dropout).to(device)
+    net = build_trainable(arch, config, float(np.mean(y_train)), dropout)
+    if init is not None:
+        net.load_state_dict(init["state_dict"])
+    net = net.to(device)
     optimiser = torch.optim.AdamW(net.parameters(), lr=opts.learning_rate,
                                   weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=opts.epochs)
@@ -417,6 +427,7 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "augment": list(getattr(opts, "augment", ("legacy",))),
                  "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
                  "synth": None if synth_options(opts) is None else synth_options(opts).as_dict(),
+                 "init_from": None if init is None else init["sha256"],
                  "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
                            "from the second half"}
     families = tuple(getattr(opts, "augment", ("legacy",)))
@@ -514,6 +525,54 @@ def _nan_metrics() -> dict:
             "mean_error": float("nan")}
 
 
+def initial_weights(init_from: str, plan: list[dict], arch: str, config: dict) -> list[dict]:
+    """The weights each member starts from with ``--init-from`` (a trained model's card JSON,
+    member files beside it, or a bundled model's name): one dict per member of ``plan`` with
+    ``state_dict``, ``file`` and ``sha256``. UsageError when the model's architecture, channels
+    or bins differ, or when a cross-validation member held out other participants than the
+    member it would start (the out-of-fold figures would then be of scans it was trained on)."""
+    import hashlib
+
+    from ..cli.parser import UsageError
+    from .zoo import PACKAGE_MODELS
+
+    card_file = Path(init_from)
+    if not card_file.is_file():
+        card_file = PACKAGE_MODELS / f"{init_from}_card.json"
+    if not card_file.is_file():
+        raise UsageError(f"--init-from {init_from}: neither a model card file nor a bundled "
+                         f"model (no {card_file.name} in {PACKAGE_MODELS})")
+    try:
+        card = json.loads(card_file.read_text())
+        card_members = card["members"]
+        splits = card["split_participants"]["members"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--init-from {card_file}: not a model card of the train level ({exc})") \
+            from None
+    if len(card_members) != len(plan):
+        raise UsageError(f"--init-from {card_file}: {len(card_members)} member(s), this run "
+                         f"trains {len(plan)} (--ensemble-size)")
+    out = []
+    for k, (m, cm, split) in enumerate(zip(plan, card_members, splits)):
+        if m["fold"] is not None and sorted(split["validation"]) != sorted(m["validation"]):
+            raise UsageError(f"--init-from {card_file}: member {k + 1} held out other "
+                             f"participants than fold {m['fold']} of this run (use the same "
+                             "dataset, --ensemble-size and --seed)")
+        f = card_file.parent / f"{cm['name']}.pt"
+        try:
+            blob = f.read_bytes()
+            payload = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
+            raise UsageError(f"--init-from: cannot read member {f}: {exc}") from None
+        got = (payload.get("arch"), payload.get("config"))
+        if got != (arch, config):
+            raise UsageError(f"--init-from: {f} is {got[0]} {got[1]}, this run trains {arch} "
+                             f"{config}")
+        out.append({"state_dict": payload["state_dict"], "file": str(f),
+                    "sha256": hashlib.sha256(blob).hexdigest()})
+    return out
+
+
 def _member_plan(pids: list[str], ages: list[float], opts) -> list[dict]:
     """Train/validation participants of each member (single, seeds or cv folds)."""
     if opts.ensemble_mode == "cv":
@@ -564,6 +623,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     LOG.info("%s %s, %d member(s) (%s): %d test participants, %d for training/validation", arch,
              modality, len(plan), opts.ensemble_mode, len(test_ids), len(rest))
 
+    config = ({"channels": list(opts.channels), "bins": [opts.age_bins[0], opts.age_bins[1], 1.0]}
+              if arch == "sfcn" else {})
+    # checked before the arrays and tissue maps are loaded (minutes)
+    init_from = getattr(opts, "init_from", None)
+    inits = initial_weights(init_from, plan, arch, config) if init_from else [None] * len(plan)
     affine, shape = mni_box_grid(opts.voxel_size)
     if min(shape) < 32:
         from ..cli.parser import UsageError
@@ -586,8 +650,6 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     x_test = load_arrays(test, spec, cache) if test else None
     y_test = np.array([e.age for e in test], dtype=np.float32)
 
-    config = ({"channels": list(opts.channels), "bins": [opts.age_bins[0], opts.age_bins[1], 1.0]}
-              if arch == "sfcn" else {})
     centres = (torch.as_tensor(bin_centres(*config["bins"]), dtype=torch.float32, device=device)
                if arch == "sfcn" else None)
     out_dir = output_dir / "models" / opts.model_name
@@ -599,7 +661,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         net, best_epoch, history, (last_pred, last_sd) = fit_member(
             arch, config, x_pool[tr], y_pool[tr], x_pool[va], y_pool[va], opts=opts, seed=m["seed"],
             run_dir=work_dir / f"train_{label}", device=device, centres=centres, label=label,
-            probs_train=None if probs_pool is None else probs_pool[tr])
+            probs_train=None if probs_pool is None else probs_pool[tr], init=inits[k])
         val_pred, val_sd = predict_net(arch, net, x_pool[va], centres, device)
         for j, p, sd, lp in zip(va, val_pred, val_sd, last_pred):
             e = pool[j]
@@ -610,6 +672,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
                         "fold": m["fold"] if m["fold"] is not None else "validation",
                         "last_epoch_predicted_age": float(lp)})
         member = {"name": label, "seed": m["seed"], "fold": m["fold"], "best_epoch": best_epoch,
+                  "initialised_from": None if inits[k] is None else
+                  {"file": Path(inits[k]["file"]).name, "sha256": inits[k]["sha256"]},
                   "history": history, "splits": {"train": len(m["train"]),
                                                  "validation": len(m["validation"])},
                   "validation": dict(metrics(y_pool[va], val_pred), mean_sd=_mean_sd(val_sd)),
@@ -685,6 +749,7 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "synthesis": None if synth is None else {
             **synth.as_dict(), "tissue_maps": "models/anatomy.py (prior-guided Atropos; CSF, GM, "
             "WM, deep GM)", "evaluated_on": f"real {modality} images (no synthesis)"},
+        "initialised_from": init_from and str(init_from),
         "dropout": getattr(opts, "dropout", None), "loss": getattr(opts, "loss", "kl"),
         "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
         "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
