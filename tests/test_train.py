@@ -354,3 +354,36 @@ def test_resume_never_unpickles_code_from_a_tampered_checkpoint(trained_inputs, 
     except Exception as exc:  # refusing the file is acceptable; running its code is not
         assert "weights" in str(exc).lower() or "unpickl" in str(exc).lower(), exc
     assert not marker.exists()
+
+
+def test_members_trained_in_separate_runs_assemble_into_the_same_ensemble(trained_inputs,
+                                                                            tmp_path, caplog):
+    """--members: members trained by separate runs (own work dirs, as cluster jobs), then one
+    run without it, give the ensemble of a single run, without training them again."""
+    import shutil
+
+    bids, out, work = trained_inputs
+    cv = ["--ensemble-size", "2", "--ensemble-mode", "cv", "--epochs", "2", *ARGS]
+    assert main([str(bids), str(out), "train", "--model-name", "whole",
+                 "-w", str(tmp_path / "w_one"), *cv]) == 0
+    w_a, w_b = tmp_path / "w_a", tmp_path / "w_b"
+    assert main([str(bids), str(out), "train", "--model-name", "split", "--members",
+                 "2", "-w", str(w_a), *cv]) == 0
+    assert not (out / "models" / "split").exists()  # no ensemble from a part
+    assert (w_a / "train_split-m2" / "best.pt").exists() and not (w_a / "train_split-m1").exists()
+    assert main([str(bids), str(out), "train", "--model-name", "split", "--members",
+                 "1", "-w", str(w_b), *cv]) == 0
+    shutil.copytree(w_b / "train_split-m1", w_a / "train_split-m1")
+    caplog.clear()
+    assert main([str(bids), str(out), "train", "--model-name", "split",
+                 "-w", str(w_a), *cv]) == 0
+    assert "epoch 1/2" not in caplog.text  # nothing trained again
+    one = json.loads((out / "models" / "whole" / "whole_card.json").read_text())
+    parts = json.loads((out / "models" / "split" / "split_card.json").read_text())
+    key = lambda p: (p["participant_id"], p["session_id"] or "")  # noqa: E731
+    a = sorted(one["validation"]["predictions"], key=key)
+    b = sorted(parts["validation"]["predictions"], key=key)
+    assert [key(p) for p in a] == [key(p) for p in b]
+    assert np.allclose([p["predicted_age"] for p in a], [p["predicted_age"] for p in b], atol=1e-4)
+    assert main([str(bids), str(out), "train", "--model-name", "split", "--members",
+                 "3", "-w", str(tmp_path / "w_c"), *cv]) == 64

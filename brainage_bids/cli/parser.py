@@ -185,6 +185,11 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                          "tissue maps cached in the work dir, ~30 s per scan once); --augment is "
                          "not used; validation, out-of-fold and test figures are on the real T1w "
                          "images")
+    tr.add_argument("--members", type=int, nargs="+", metavar="K",
+                    help="train only these members (1-based), e.g. one per cluster job, each "
+                         "with its own -w; the ensemble is written by a run without --members "
+                         "once every member's train_<name>/ folder is in its work directory "
+                         "(finished members are then only reloaded)")
     tr.add_argument("--init-from", metavar="CARD",
                     help="start each member from the weights of the same member of a trained "
                          "model: its _card.json (member files beside it) or a bundled model's "

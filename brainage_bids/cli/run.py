@@ -770,6 +770,10 @@ def run_train(opts) -> int:
                                command=" ".join(["brainage-bids", *opts.argv]))
     finally:
         stop_run_log(log)
+    if card["weights"] is None:
+        print(f"brainage-bids train: trained {', '.join(card['members_trained'])} in {work_dir} "
+              f"(no ensemble written: --members); log in {log.dir}", file=sys.stderr)
+        return EXIT_OK
     print(f"brainage-bids train: wrote {card['weights']}; log in {log.dir}", file=sys.stderr)
     return EXIT_OK
 

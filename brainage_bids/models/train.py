@@ -628,6 +628,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     # checked before the arrays and tissue maps are loaded (minutes)
     init_from = getattr(opts, "init_from", None)
     inits = initial_weights(init_from, plan, arch, config) if init_from else [None] * len(plan)
+    only = sorted(set(getattr(opts, "members", None) or []))
+    if only and not set(only) <= set(range(1, len(plan) + 1)):
+        from ..cli.parser import UsageError
+        raise UsageError(f"--members {' '.join(map(str, only))}: this run has members 1-"
+                         f"{len(plan)}")
     affine, shape = mni_box_grid(opts.voxel_size)
     if min(shape) < 32:
         from ..cli.parser import UsageError
@@ -656,6 +661,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
     members, oof, test_preds = [], [], []
     for k, m in enumerate(plan):
         label = opts.model_name if len(plan) == 1 else f"{opts.model_name}-m{k + 1}"
+        if only and k + 1 not in only:
+            continue
         tr = [index[id(e)] for e in rows(m["train"])]
         va = [index[id(e)] for e in rows(m["validation"])]
         net, best_epoch, history, (last_pred, last_sd) = fit_member(
@@ -687,6 +694,11 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         member["net"] = net.cpu()
         members.append(member)
 
+    if only and len(only) < len(plan):
+        LOG.warning("trained member(s) %s of %d in %s; a run without --members writes the "
+                    "ensemble once every member's train_<name>/ folder is there",
+                    ", ".join(map(str, only)), len(plan), work_dir)
+        return {"weights": None, "members_trained": [m["name"] for m in members]}
     oof_age = [r["chronological_age"] for r in oof]
     results = {"validation": metrics(oof_age, [r["predicted_age"] for r in oof]) if oof
                else _nan_metrics()}
