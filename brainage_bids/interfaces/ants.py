@@ -68,6 +68,43 @@ def n4_whole_head(in_file: str, out_file: str, threads: int = 1) -> None:
     nib.save(nib.Nifti1Image(out, nib.load(in_file).affine), out_file)
 
 
+def _seeded_affine(moving_file: str, mask_file: str, template_file: str, transform: str,
+                   threads: int):
+    """Affine ``transform`` of ``moving_file`` to ``template_file`` with the fixed metric
+    sampling seed (reruns give the same transform; ``ants.set_ants_deterministic`` would also
+    force one ITK thread). Returns (moving resampled onto the template grid (linear), native
+    mask ``mask_file`` carried along (linear, > 0.5), forward transform file)."""
+    import ants
+
+    _set_threads(threads)
+    if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
+        ants.config._random_seed = REGISTRATION_SEED
+    fixed = ants.image_read(template_file)
+    moving = ants.image_read(moving_file)
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform)
+    fwd = reg["fwdtransforms"]
+    warped = ants.apply_transforms(fixed, moving, fwd, interpolator="linear").numpy()
+    mask = ants.apply_transforms(fixed, ants.image_read(mask_file), fwd,
+                                 interpolator="linear").numpy() > 0.5
+    return warped, mask, fwd[0]
+
+
+def _agreement_and_save(data, mask, template_file: str, template_mask_file: str, out_file: str,
+                        out_mask: str, transform_file: str, out_transform: str,
+                        written=None) -> tuple[float, float]:
+    """Registration QC and outputs shared by both registrations: (correlation of ``data`` with
+    the template inside the template brain mask, Dice of ``mask`` with that mask); writes
+    ``written`` (default ``data``) and the mask on the template grid, and the transform."""
+    tpl_img = nib.load(template_file)
+    tpl_mask = np.asarray(nib.load(template_mask_file).dataobj) > 0
+    corr = mask_correlation(data, tpl_img.get_fdata(dtype=np.float32), tpl_mask)
+    dice = float(2 * (mask & tpl_mask).sum() / max(1, mask.sum() + tpl_mask.sum()))
+    nib.save(nib.Nifti1Image(data if written is None else written, tpl_img.affine), out_file)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), tpl_img.affine), out_mask)
+    shutil.copyfile(transform_file, out_transform)
+    return corr, dice
+
+
 def register_head_to_template(head_file: str, mask_file: str, template_file: str,
                               template_mask_file: str, out_file: str, out_mask: str,
                               out_transform: str, transform: str = "AffineFast",
@@ -80,27 +117,10 @@ def register_head_to_template(head_file: str, mask_file: str, template_file: str
     registered head with the template inside the template brain mask, and the Dice overlap of
     the registered brain mask with it.
     """
-    import ants
-
-    _set_threads(threads)
-    if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
-        ants.config._random_seed = REGISTRATION_SEED
-    fixed = ants.image_read(template_file)
-    moving = ants.image_read(head_file)
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform)
-    fwd = reg["fwdtransforms"]
-    warped = ants.apply_transforms(fixed, moving, fwd, interpolator="linear").numpy()
+    warped, mask, fwd = _seeded_affine(head_file, mask_file, template_file, transform, threads)
     data = np.clip(np.nan_to_num(warped, nan=0.0), 0, None).astype(np.float32)
-    mask = ants.apply_transforms(fixed, ants.image_read(mask_file), fwd,
-                                 interpolator="linear").numpy() > 0.5
-    tpl_img = nib.load(template_file)
-    tpl_mask = np.asarray(nib.load(template_mask_file).dataobj) > 0
-    corr = mask_correlation(data, tpl_img.get_fdata(dtype=np.float32), tpl_mask)
-    dice = float(2 * (mask & tpl_mask).sum() / max(1, mask.sum() + tpl_mask.sum()))
-    nib.save(nib.Nifti1Image(data, tpl_img.affine), out_file)
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), tpl_img.affine), out_mask)
-    shutil.copyfile(fwd[0], out_transform)
-    return corr, dice
+    return _agreement_and_save(data, mask, template_file, template_mask_file, out_file, out_mask,
+                               fwd, out_transform)
 
 
 def register_to_template(brain_file: str, mask_file: str, template_file: str, template_mask_file: str,
@@ -113,30 +133,10 @@ def register_to_template(brain_file: str, mask_file: str, template_file: str, te
     the template mask (meaningful for T1w only), and the Dice overlap of the registered brain mask
     with the template mask (any modality).
     """
-    import ants
-
-    _set_threads(threads)
-    # Fixed seed for the metric's random sampling, so reruns give the same transform.
-    # (ants.set_ants_deterministic would also force one ITK thread.)
-    if hasattr(ants, "config") and hasattr(ants.config, "_random_seed"):
-        ants.config._random_seed = REGISTRATION_SEED
-    fixed = ants.image_read(template_file)
-    moving = ants.image_read(brain_file)
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=transform)
-    fwd = reg["fwdtransforms"]
-    warped = ants.apply_transforms(fixed, moving, fwd, interpolator="linear")
-    mask = ants.apply_transforms(fixed, ants.image_read(mask_file), fwd, interpolator="linear")
-    mask_arr = mask.numpy() > 0.5
-    data = np.clip(warped.numpy(), 0, None) * mask_arr
-    tpl_img = nib.load(template_file)
-    tpl_mask = np.asarray(nib.load(template_mask_file).dataobj) > 0
-    corr = mask_correlation(data, tpl_img.get_fdata(dtype=np.float32), tpl_mask)
-    dice = float(2 * (mask_arr & tpl_mask).sum() / max(1, mask_arr.sum() + tpl_mask.sum()))
-    norm = normalise_mean_in_mask(data, mask_arr)
-    nib.save(nib.Nifti1Image(norm, tpl_img.affine), out_file)
-    nib.save(nib.Nifti1Image(mask_arr.astype(np.uint8), tpl_img.affine), out_mask)
-    shutil.copyfile(fwd[0], out_transform)
-    return corr, dice
+    warped, mask, fwd = _seeded_affine(brain_file, mask_file, template_file, transform, threads)
+    data = np.clip(warped, 0, None) * mask
+    return _agreement_and_save(data, mask, template_file, template_mask_file, out_file, out_mask,
+                               fwd, out_transform, written=normalise_mean_in_mask(data, mask))
 
 
 class _N4InputSpec(BaseInterfaceInputSpec):
