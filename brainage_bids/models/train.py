@@ -427,9 +427,10 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "augment": list(getattr(opts, "augment", ("legacy",))),
                  "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
                  "synth": None if synth_options(opts) is None else synth_options(opts).as_dict(),
-                 "init_from": None if init is None else init["sha256"],
                  "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
                            "from the second half"}
+    if init is not None:  # (absent otherwise: checkpoints of earlier runs still resume)
+        signature["init_from"] = init["sha256"]
     families = tuple(getattr(opts, "augment", ("legacy",)))
     probability = float(getattr(opts, "augment_probability", 0.5))
     first_eval = first_selection_epoch(opts.epochs)
