@@ -150,7 +150,7 @@ def load_anatomy(examples, arrays: np.ndarray, spec, cache_dir: Path, threads: i
         t0 = time.time()
         maps = tissue_maps(arr[0], spec.affine, priors, threads).astype(np.float16)
         LOG.info("tissue maps of %s: %.1f s", ex.path, time.time() - t0)
-        tmp = f.with_suffix(".tmp.npy")
+        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: runs may share the cache
         np.save(tmp, maps)
         os.replace(tmp, f)
         out.append(maps)

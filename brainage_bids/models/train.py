@@ -168,7 +168,9 @@ def load_arrays(examples: list[Example], spec: InputSpec, cache_dir: Path) -> np
             arrays.append(np.load(f))
             continue
         arr = model_input(ex.path, ex.mask, spec)
-        np.save(f, arr)
+        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: runs may share the cache
+        np.save(tmp, arr)
+        os.replace(tmp, f)
         arrays.append(arr)
     return np.stack(arrays)[:, None]
 
