@@ -428,10 +428,12 @@ def fit_member(arch: str, config: dict, x_train, y_train, x_val, y_val, *, opts,
                  "dropout": dropout, "loss": getattr(opts, "loss", "kl"),
                  "augment": list(getattr(opts, "augment", ("legacy",))),
                  "augment_probability": float(getattr(opts, "augment_probability", 0.5)),
-                 "synth": None if synth_options(opts) is None else synth_options(opts).as_dict(),
                  "recipe": "drop-last, channels_last_3d, batchnorm recomputed and validation "
                            "from the second half"}
-    if init is not None:  # (absent otherwise: checkpoints of earlier runs still resume)
+    # keys absent when unused, so that checkpoints of runs from before they existed still resume
+    if synth_options(opts) is not None:
+        signature["synth"] = synth_options(opts).as_dict()
+    if init is not None:
         signature["init_from"] = init["sha256"]
     families = tuple(getattr(opts, "augment", ("legacy",)))
     probability = float(getattr(opts, "augment_probability", 0.5))
