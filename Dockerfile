@@ -17,6 +17,14 @@
 #                      image leaves it out: --skull-strip auto never picks HD-BET on CPU, where
 #                      deepbet is 4x faster; INSTALL_HDBET=1 adds it
 #   PIP_CA_BUNDLE      CA bundle for pip behind a TLS-intercepting proxy (mount it into the build)
+#   TEMPLATEFLOW_SEED  a folder in the build holding templates in TemplateFlow's layout
+#                      (tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym_res-1_T1w.nii.gz, ...), copied
+#                      into /opt/templateflow before the templates are fetched, so that the fetch
+#                      finds them and downloads nothing (hosts that cannot reach TemplateFlow's S3).
+#                      Mount it into the build, read-only, with podman/buildah:
+#                        podman build -v /path/to/seed:/tf-seed:ro --build-arg TEMPLATEFLOW_SEED=/tf-seed .
+#                      It must hold every file fetched below (the build fails otherwise); empty
+#                      (the default): everything is downloaded from TemplateFlow
 #   VERSION, VCS_REF, BUILD_DATE   OCI labels (brainage_bids.__version__, git commit, RFC 3339 date)
 # The base is pinned by tag; pin it by digest (debian:12.15-slim@sha256:...) for releases.
 
@@ -69,6 +77,7 @@ RUN if [ -n "$PIP_CA_BUNDLE" ]; then export PIP_CERT="$PIP_CA_BUNDLE"; fi; \
     if [ "$INSTALL_HDBET" = 1 ] || { [ "$INSTALL_HDBET" = auto ] && [ "$TORCH_VARIANT" = cuda ]; }; then \
         lock=requirements/lock-hdbet.txt; \
     fi \
+    && echo "pip install --require-hashes --no-deps -r $lock" \
     && pip install --require-hashes --no-deps -r "$lock"
 
 # The project last: a change to its code rebuilds only this layer. --no-build-isolation builds
@@ -80,8 +89,20 @@ RUN pip install --no-deps --no-build-isolation . \
 
 # Both templates fetched through TemplateFlow at build time (MNI152NLin2009aSym for our models,
 # MNI152NLin6Asym = FSL MNI152_T1_1mm for the published ones), so nothing is fetched at run time.
+# With TEMPLATEFLOW_SEED, its files go into TEMPLATEFLOW_HOME first: TemplateFlow's get() then
+# downloads nothing (it goes to S3 only for files missing or empty, TemplateFlow's stubs), and
+# the home is not empty, so no skeleton of stubs is unpacked either. get(raise_empty=True): a
+# file the seed (or TemplateFlow) lacks fails the build instead of leaving a hole.
 ENV TEMPLATEFLOW_HOME=/opt/templateflow
-RUN python -c "from templateflow.api import get; [get(t, resolution=1, suffix=s, desc=d) for t in ('MNI152NLin2009aSym', 'MNI152NLin6Asym') for s, d in (('T1w', None), ('mask', 'brain'))]; get('MNI152NLin6Asym', resolution=1, suffix='T1w', desc='brain')" \
+ARG TEMPLATEFLOW_SEED=
+RUN if [ -n "$TEMPLATEFLOW_SEED" ]; then \
+        if [ ! -d "$TEMPLATEFLOW_SEED" ] || [ -z "$(ls -A "$TEMPLATEFLOW_SEED")" ]; then \
+            echo "TEMPLATEFLOW_SEED=$TEMPLATEFLOW_SEED: no such folder, or empty, in the build (mount it: podman build -v DIR:$TEMPLATEFLOW_SEED:ro)" >&2; exit 66; \
+        fi; \
+        mkdir -p "$TEMPLATEFLOW_HOME" && cp -RL "$TEMPLATEFLOW_SEED"/. "$TEMPLATEFLOW_HOME"/ \
+        && echo "TemplateFlow seeded from $TEMPLATEFLOW_SEED:" && find "$TEMPLATEFLOW_HOME" -type f | sort; \
+    fi \
+    && python -c "from templateflow.api import get; [get(t, raise_empty=True, resolution=1, suffix=s, desc=d) for t in ('MNI152NLin2009aSym', 'MNI152NLin6Asym') for s, d in (('T1w', None), ('mask', 'brain'))]; get('MNI152NLin6Asym', raise_empty=True, resolution=1, suffix='T1w', desc='brain')" \
     && python -c "from brainage_bids.utils.templates import get_template as g; print(g('MNI152NLin2009aSym')); print(g('MNI152NLin6Asym'))" \
     && brainage-bids --version \
     && mkdir -p /home/brainage/.cache \

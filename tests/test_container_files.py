@@ -71,7 +71,23 @@ def test_dockerfile_labels_and_build_args(dockerfile):
     for key in ("org.opencontainers.image.version", "org.opencontainers.image.revision"):
         assert key in labels
     args = {a.split("=")[0] for i, a in dockerfile if i == "ARG"}
-    assert {"TORCH_VARIANT", "VERSION", "VCS_REF", "INSTALL_HDBET"} <= args
+    assert {"TORCH_VARIANT", "VERSION", "VCS_REF", "INSTALL_HDBET", "TEMPLATEFLOW_SEED"} <= args
+
+
+def test_dockerfile_templateflow_seed(dockerfile):
+    """TEMPLATEFLOW_SEED (empty by default: download) is copied into TEMPLATEFLOW_HOME in the
+    step that fetches the templates, before the fetch, and every fetch must find its file."""
+    args = dict(re.match(r"(\w+)(?:=(.*))?", a).groups() for i, a in dockerfile if i == "ARG")
+    assert args["TEMPLATEFLOW_SEED"] in ("", None)
+    fetch = [a for i, a in dockerfile if i == "RUN" and "from templateflow.api import get" in a]
+    assert len(fetch) == 1
+    run = fetch[0]
+    assert run.startswith('if [ -n "$TEMPLATEFLOW_SEED" ]; then')
+    copy = run.index('cp -RL "$TEMPLATEFLOW_SEED"/. "$TEMPLATEFLOW_HOME"/')
+    assert copy < run.index("from templateflow.api import get")
+    gets = re.findall(r"\bget\(([^)]*)\)", run.split("from templateflow.api import get")[1])
+    gets = [g for g in gets if "resolution=1" in g]
+    assert len(gets) == 2 and all("raise_empty=True" in g for g in gets)
 
 
 def test_dockerignore_keeps_context_small():
