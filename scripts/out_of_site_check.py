@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     p.add_argument("mprage", type=Path)
     p.add_argument("ms", type=Path, nargs="+")
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--card", type=Path, help="record the figures in this model card (its "
+                   "_card.json gets `out_of_site`, its _card.md is written again beside it)")
     args = p.parse_args(argv)
     hc = rows(args.mprage, args.model)
     ms = pd.concat([rows(d, args.model) for d in args.ms], ignore_index=True)
@@ -70,6 +72,15 @@ def main(argv=None) -> int:
           f"mean SD {summary['ms_mean_sd']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    if args.card:
+        from brainage_bids.models.train import _card_markdown
+        from brainage_bids.utils.images import atomic_write_text
+
+        card = json.loads(args.card.read_text())
+        card["out_of_site"] = dict(summary, datasets=[str(d) for d in [args.mprage, *args.ms]])
+        atomic_write_text(args.card, json.dumps(card, indent=2) + "\n")
+        md = args.card.with_name(args.card.name.replace("_card.json", "_card.md"))
+        atomic_write_text(md, _card_markdown(card))
     return 0
 
 

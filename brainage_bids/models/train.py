@@ -272,6 +272,7 @@ def _card_markdown(card: dict) -> str:
            "of scans neither network trained on)."] if card.get("initialised_from") else []),
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
+        *_out_of_site_lines(card),
         "## Limits",
         "- Trained on a single site and scanner; expect larger errors and an age bias on other "
         "scanners: fit the group level's bias correction on your own healthy controls.",
@@ -283,6 +284,23 @@ def _card_markdown(card: dict) -> str:
     if card.get("notes"):
         lines[-1:-1] = ["## Notes", *[f"- {n}" for n in card["notes"]], ""]
     return "\n".join(lines) + "\n"
+
+
+def _out_of_site_lines(card: dict) -> list[str]:
+    """Markdown of the check on scans from other sites (``scripts/out_of_site_check.py --card``)."""
+    o = card.get("out_of_site")
+    if not o:
+        return []
+    return [
+        "## Scans from other sites (not used for training or selection)",
+        f"- Healthy {o['mprage_age']:.0f}-year-old, 1 mm Siemens MPRAGE: predicted "
+        f"{o['mprage_predicted']:.1f} (gap {o['mprage_gap']:+.1f} years).",
+        f"- MS patients, T1w: {o['ms_scans']} scans of {o['ms_participants']} patients, mean gap "
+        f"{o['ms_mean_gap']:+.1f} years (first session per patient {o['ms_mean_gap_baseline']:+.1f}), "
+        f"Pearson r of predicted with chronological age {o['ms_pearson_r']:.2f} "
+        f"(p = {o['ms_pearson_p']:.2g}), mean predicted SD {o['ms_mean_sd']:.1f} years.",
+        "- Command: `python scripts/out_of_site_check.py --model NAME OUT_MPRAGE OUT_MS2018 "
+        "OUT_MS2016 --card CARD` (participant runs in the script's docstring).", ""]
 
 
 def _synthesis_lines(card: dict) -> list[str]:
