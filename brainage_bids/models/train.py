@@ -255,9 +255,12 @@ def _card_markdown(card: dict) -> str:
             f"predicted SD {u['mean_sd']:.2f} years against an MAE of {u['mae']:.2f}; Spearman "
             f"rho of SD with |error| {u['spearman_sd_abs_error']:.2f} (p = {u['spearman_p']:.2g}). "
             "QC flags `predicted_age_sd_high` above 1.5 x the mean SD.", "")],
-        *([ "| member | best epoch | validation MAE | last-epoch MAE | test MAE |",
-            "|---|---|---|---|---|",
-            *[f"| {m['name']} | {m['best_epoch']} | {m['validation']['mae']:.2f} | "
+        *([ "| member | best epoch | validation n | MAE | R2 | r | mean error | slope | last-epoch MAE | test MAE |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *[f"| {m['name']} | {m['best_epoch']} | {m['validation']['n']} | "
+              f"{m['validation']['mae']:.2f} | {m['validation']['r2']:.3f} | "
+              f"{m['validation']['pearson_r']:.3f} | {m['validation']['mean_error']:+.2f} | "
+              f"{m['validation'].get('slope', float('nan')):.2f} | "
               f"{m.get('validation_last_epoch', {}).get('mae', float('nan')):.2f} | "
               f"{m['test']['mae']:.2f} |" for m in card["members"]], ""]
           if ens["size"] > 1 else []),
