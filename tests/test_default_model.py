@@ -9,6 +9,7 @@ import pytest
 from brainage_bids.cli.parser import parse_args
 from brainage_bids.cli.run import DEFAULT_MODEL, resolve_models
 from brainage_bids.models.checkpoint import sha256sum
+from brainage_bids.models import zoo
 from brainage_bids.models.zoo import REGISTRY
 from brainage_bids.models.checkpoint import load_model, mni_box_grid
 from brainage_bids.models.train import metrics
@@ -16,11 +17,62 @@ from brainage_bids.models.train import metrics
 CARD = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "_card.json")
 
 
+ENSEMBLE = zoo.PACKAGE_MODELS / f"{zoo.T1W_MODEL}_card.json"
+
+
 def test_default_model_is_used_without_model_option(tmp_path):
     opts = parse_args([str(tmp_path), str(tmp_path / "out"), "participant"])
     (request,) = resolve_models(opts)
-    assert request.name == "ixi-sfcn-2mm" and request.modality == "T1w" and not request.ensemble
-    assert request.members == [("ixi-sfcn-2mm", str(DEFAULT_MODEL), "T1w")]
+    assert request.name == zoo.T1W_MODEL and request.modality == "T1w" and request.ensemble
+    assert request.members == [(f"{zoo.T1W_MODEL}-m{k}",
+                                str(zoo.PACKAGE_MODELS / f"{zoo.T1W_MODEL}-m{k}.pt"), "T1w")
+                               for k in range(1, 6)]
+    # the model of 0.1 stays installable by name
+    (old,) = resolve_models(parse_args([str(tmp_path), str(tmp_path / "out"), "participant",
+                                        "--model", "ixi-sfcn-2mm"]))
+    assert old.members == [("ixi-sfcn-2mm", str(DEFAULT_MODEL), "T1w")]
+
+
+def test_default_ensemble_members_are_bundled_with_their_digests():
+    files = [zoo.PACKAGE_MODELS / e.bundled for e in zoo.members(zoo.T1W_MODEL)]
+    assert len(files) == 5 and sum(f.stat().st_size for f in files) < 30 * 1024 * 1024
+    card = json.loads(ENSEMBLE.read_text())
+    for k, (f, m) in enumerate(zip(files, card["members"]), start=1):
+        assert sha256sum(f) == zoo.T1W_MEMBER_SHA256[k] == m["sha256"]
+        assert REGISTRY[f"{zoo.T1W_MODEL}-m{k}"].sha256 == m["sha256"]
+
+
+def test_default_ensemble_card_is_honest_out_of_fold():
+    """Each control is predicted once, by the member that held it out; the card's figures are
+    those of its predictions; the member's held-out SD reaches the QC threshold."""
+    from brainage_bids.reports import qc
+    from brainage_bids.models.train import uncertainty_figures
+
+    card = json.loads(ENSEMBLE.read_text())
+    preds = card["validation"]["predictions"]
+    ids = [p["participant_id"] for p in preds]
+    assert len(ids) == len(set(ids)) == card["splits"]["train_validation_pool"] >= 140
+    folds = card["split_participants"]["members"]
+    for m, split in zip(card["members"], folds):
+        mine = [p for p in preds if p["model"] == m["name"]]
+        assert sorted(p["participant_id"] for p in mine) == sorted(split["validation"])
+        assert not set(split["validation"]) & set(split["train"])
+        rec = metrics([p["chronological_age"] for p in mine], [p["predicted_age"] for p in mine])
+        for key in ("mae", "r2", "pearson_r", "mean_error", "slope"):
+            assert rec[key] == pytest.approx(m["validation"][key])
+    rec = metrics([p["chronological_age"] for p in preds], [p["predicted_age"] for p in preds])
+    for key in ("mae", "r2", "pearson_r", "mean_error", "slope"):
+        assert rec[key] == pytest.approx(card["validation"][key])
+    unc = uncertainty_figures([p["chronological_age"] for p in preds],
+                              [p["predicted_age"] for p in preds],
+                              [p["predicted_age_sd"] for p in preds])
+    for key, value in unc.items():
+        assert value == pytest.approx(card["validation"]["uncertainty"][key])
+    md = ENSEMBLE.with_suffix(".md").read_text()
+    assert f"{card['validation']['mae']:.2f}" in md and card["command"] in md
+    member = load_model(zoo.PACKAGE_MODELS / f"{zoo.T1W_MODEL}-m1.pt")
+    assert qc.sd_threshold(qc.reference_sd(member.card)) == pytest.approx(
+        1.5 * card["members"][0]["validation"]["mean_sd"])
 
 
 def test_zoo_records_the_digest_of_the_shipped_weights():

@@ -140,7 +140,7 @@ def test_default_model_per_contrast(cache, synth_model, monkeypatch):
     assert zoo.is_installed(zoo.SYNTH_MODEL)
     assert zoo.default_model("FLAIR") == zoo.SYNTH_MODEL
     assert zoo.default_model("T2w") == zoo.SYNTH_MODEL
-    assert zoo.default_model("T1w") == "ixi-sfcn-2mm"
+    assert zoo.default_model("T1w") == zoo.T1W_MODEL
     request = zoo.default_request("FLAIR")
     assert request.modality == "FLAIR" and request.ensemble and len(request.members) == 5
     # the installed published ensemble stays the FLAIR default
@@ -164,12 +164,12 @@ def test_requests_per_scan_with_the_synthetic_model(installed_synth):
     # defaults: ours reads the FLAIR and T2w scans only, the T1w model the T1w scans
     reqs = resolve_models(_opts(modalities=["T1w", "FLAIR", "T2w"]))
     names = {s: [r.name for r in models_for(_scan(s), reqs)] for s in ("T1w", "FLAIR", "T2w")}
-    assert names == {"T1w": ["ixi-sfcn-2mm"], "FLAIR": [zoo.SYNTH_MODEL],
+    assert names == {"T1w": [zoo.T1W_MODEL], "FLAIR": [zoo.SYNTH_MODEL],
                      "T2w": [zoo.SYNTH_MODEL]}
     # added to the T1w ensemble by name: it reads every selected contrast
     reqs = resolve_models(_opts(modalities=["T1w", "FLAIR"],
-                                model=["ixi-sfcn-2mm", zoo.SYNTH_MODEL]))
-    assert [r.name for r in models_for(_scan("T1w"), reqs)] == ["ixi-sfcn-2mm", zoo.SYNTH_MODEL]
+                                model=[zoo.T1W_MODEL, zoo.SYNTH_MODEL]))
+    assert [r.name for r in models_for(_scan("T1w"), reqs)] == [zoo.T1W_MODEL, zoo.SYNTH_MODEL]
     assert [r.name for r in models_for(_scan("FLAIR"), reqs)] == [zoo.SYNTH_MODEL]
     only_t1 = resolve_models(_opts(model=[f"{zoo.SYNTH_MODEL}:T1w"]))
     assert [r.modality for r in only_t1] == ["T1w"]

@@ -99,7 +99,7 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
                       help="zoo models (`brainage-bids models list`) or checkpoint files; each runs "
                            "on the scans of its modality, a contrast-agnostic one on each it reads "
                            "(append :T1w, :FLAIR or :T2w to override); with several, a row "
-                           "model=ensemble is added (default: ixi-sfcn-2mm for T1w, "
+                           "model=ensemble is added (default: ixi-sfcn-2mm-ens, 5 CV members, for T1w; "
                            "flair-brain-age-flair for FLAIR, else ixi-synth-sfcn-2mm when that is "
                            "installed and the published one is not; ixi-synth-sfcn-2mm for T2w)")
     proc.add_argument("--precision", choices=("fast", "fp32", "bf16"), default="fast",
