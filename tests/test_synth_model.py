@@ -16,7 +16,7 @@ from test_train import ARGS, trained_inputs  # noqa: F401 - the fixture
 
 from brainage_bids.cli.run import main
 from brainage_bids.models import zoo
-from brainage_bids.models.checkpoint import load_model
+from brainage_bids.models.checkpoint import load_model, sha256sum
 from brainage_bids.models.inference import model_input, predict_arrays
 from brainage_bids.models.train import metrics
 
@@ -108,13 +108,19 @@ def test_synth_refuses_other_training_contrasts(trained_inputs, caplog):  # noqa
 
 
 @pytest.fixture
-def installed_synth(cache, synth_model):
-    """The placeholder installed as the zoo's ixi-synth-sfcn-2mm (its members cycled)."""
-    folder, _ = synth_model
-    files = sorted(folder.glob("tinysynth-m*.pt"))
-    for k in range(1, zoo.SYNTH_MEMBERS + 1):
-        zoo.install(f"{zoo.SYNTH_MODEL}-m{k}", files[(k - 1) % len(files)])
+def installed_synth(cache):
+    """The bundled ixi-synth-sfcn-2mm (an empty cache: nothing else installed)."""
+    assert zoo.is_installed(zoo.SYNTH_MODEL)
     return cache
+
+
+def _without_bundled_synth(monkeypatch):
+    real = zoo.installed_path
+
+    def hidden(entry):
+        return None if entry.name.startswith(zoo.SYNTH_MODEL) else real(entry)
+
+    monkeypatch.setattr(zoo, "installed_path", hidden)
 
 
 def _with_published_flair(monkeypatch):
@@ -128,25 +134,26 @@ def _with_published_flair(monkeypatch):
     monkeypatch.setattr(zoo, "installed_path", fake)
 
 
-def test_default_model_per_contrast(cache, synth_model, monkeypatch):
-    # nothing installed: the published FLAIR ensemble is the default, its error names ours too
-    assert zoo.default_model("FLAIR") == "flair-brain-age-flair"
-    with pytest.raises(zoo.ModelNotInstalled, match=zoo.SYNTH_MODEL):
-        zoo.default_request("FLAIR")
-    folder, _ = synth_model
-    files = sorted(folder.glob("tinysynth-m*.pt"))
-    for k in range(1, zoo.SYNTH_MEMBERS + 1):
-        zoo.install(f"{zoo.SYNTH_MODEL}-m{k}", files[(k - 1) % len(files)])
+def test_default_model_per_contrast(cache, monkeypatch):
+    # as shipped: ours is bundled and, without the published FLAIR ensemble, the FLAIR default
     assert zoo.is_installed(zoo.SYNTH_MODEL)
+    for k, entry in enumerate(zoo.members(zoo.SYNTH_MODEL), start=1):
+        assert sha256sum(zoo.installed_path(entry)) == zoo.SYNTH_MEMBER_SHA256[k]
     assert zoo.default_model("FLAIR") == zoo.SYNTH_MODEL
     assert zoo.default_model("T2w") == zoo.SYNTH_MODEL
     assert zoo.default_model("T1w") == zoo.T1W_MODEL
     request = zoo.default_request("FLAIR")
     assert request.modality == "FLAIR" and request.ensemble and len(request.members) == 5
     # the installed published ensemble stays the FLAIR default
-    _with_published_flair(monkeypatch)
+    with monkeypatch.context() as m:
+        _with_published_flair(m)
+        assert zoo.default_model("FLAIR") == "flair-brain-age-flair"
+        assert zoo.default_model("T2w") == zoo.SYNTH_MODEL
+    # neither installed: the published ensemble is the default, its error names ours too
+    _without_bundled_synth(monkeypatch)
     assert zoo.default_model("FLAIR") == "flair-brain-age-flair"
-    assert zoo.default_model("T2w") == zoo.SYNTH_MODEL
+    with pytest.raises(zoo.ModelNotInstalled, match=zoo.SYNTH_MODEL):
+        zoo.default_request("FLAIR")
 
 
 def _opts(**kw):
@@ -181,8 +188,17 @@ def test_zoo_entry_applies_to_three_contrasts():
     assert all(zoo.get_entry(m).bundled and zoo.get_entry(m).contrasts == entry.contrasts
                for m in entry.members)
     assert entry.summary()["contrasts"] == ["T1w", "FLAIR", "T2w"]
-    assert not any((zoo.PACKAGE_MODELS / zoo.get_entry(m).bundled).exists()
-                   for m in entry.members), "weights are trained and committed separately"
+    files = [zoo.PACKAGE_MODELS / zoo.get_entry(m).bundled for m in entry.members]
+    assert sum(f.stat().st_size for f in files) < 30 * 1024 * 1024
+    for f in files:
+        assert load_model(f).contrasts == ("T1w", "FLAIR", "T2w")
+    card = json.loads((zoo.PACKAGE_MODELS / f"{zoo.SYNTH_MODEL}_card.json").read_text())
+    assert card["trained_on"] == "synthetic" and card["validation"]["n"] >= 140
+    preds = card["validation"]["predictions"]
+    assert metrics([p["chronological_age"] for p in preds],
+                   [p["predicted_age"] for p in preds])["mae"] == pytest.approx(
+        card["validation"]["mae"])
+    assert zoo.get_entry(zoo.SYNTH_MODEL).mae == pytest.approx(card["validation"]["mae"], abs=0.005)
 
 
 def test_predictor_on_a_t2w_scan_says_which_model_read_it(synth_model, tmp_path):

@@ -113,8 +113,9 @@ def test_resolve_request_for_files(random_model, tmp_path, irv2_file):
 
 
 def test_participant_level_refuses_missing_flair_model(cache, synthetic_bids, tmp_path, caplog):
+    # (without --model, FLAIR gets the bundled contrast-agnostic model: tests/test_synth_model.py)
     code = main([str(synthetic_bids), str(tmp_path / "out"), "participant", "--modalities", "T1w",
-                 "FLAIR", "-w", str(tmp_path / "w")])
+                 "FLAIR", "--model", "flair-brain-age-flair", "-w", str(tmp_path / "w")])
     assert code == 66
     assert "brainage-bids models install flair-brain-age-flair-e3" in caplog.text
     assert zoo.FLAIR_BRAIN_AGE_URL in caplog.text
