@@ -61,7 +61,7 @@ def contrast_pairs(df: pd.DataFrame) -> pd.DataFrame:
     if not out:
         return pd.DataFrame(columns=cols)
     pairs = pd.concat(out, ignore_index=True)
-    pairs["session_id"] = pairs["session_id"].replace("", np.nan)
+    pairs["session_id"] = pairs["session_id"].astype(object).where(pairs["session_id"] != "", np.nan)
     return pairs[cols]
 
 
