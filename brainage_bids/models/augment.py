@@ -113,7 +113,14 @@ def random_bias_field(x: torch.Tensor, rng: np.random.Generator, max_sd: float =
     b = x.shape[0]
     sd = rng.uniform(0, max_sd, b)[:, None, None, None, None]
     coarse = torch.as_tensor(rng.normal(size=(b, 1, points, points, points)) * sd, dtype=x.dtype)
-    field = F.interpolate(coarse, size=x.shape[2:], mode="trilinear", align_corners=True)
+    # one thread: with two, torch 2.13's CPU trilinear upsampling of this small grid gave results
+    # that differed by up to 3e-4 between identical calls (tests/test_augment.py)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        field = F.interpolate(coarse, size=x.shape[2:], mode="trilinear", align_corners=True)
+    finally:
+        torch.set_num_threads(threads)
     return x * field.exp()
 
 
