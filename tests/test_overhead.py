@@ -27,6 +27,32 @@ def test_run_workflow_freezes_the_startup_objects(monkeypatch):
     assert gc.get_freeze_count() == before, "and gc.unfreeze() after it"
 
 
+def test_local_runs_poll_the_scheduler_every_50_ms(tmp_path):
+    """A workflow built before the run keeps Nipype's 2 s poll in its own config, which wins over
+    the global one: each of a chain of quick nodes then waited up to 2 s."""
+    import time
+
+    from nipype import Node, Workflow
+    from nipype.interfaces.utility import Function
+
+    def passthrough(x):
+        return x
+
+    wf = Workflow(name="chain", base_dir=str(tmp_path))
+    nodes = [Node(Function(input_names=["x"], output_names=["x"], function=passthrough),
+                  name=f"n{i}") for i in range(4)]
+    nodes[0].inputs.x = 1
+    for a, b in zip(nodes, nodes[1:]):
+        wf.connect(a, "x", b, "x")
+    assert wf.config["execution"]["poll_sleep_duration"] == "2"  # Nipype's default, copied
+    opts = SimpleNamespace(plugin="MultiProc")
+    t0 = time.time()
+    cli_run.run_workflow(wf, {"plugin": "MultiProc", "plugin_args": {"n_procs": 1}},
+                         cli_run.Progress(0), opts, str(tmp_path))
+    assert wf.config["execution"]["poll_sleep_duration"] == "0.05"
+    assert time.time() - t0 < 6, "four chained nodes must not wait 2 s each"
+
+
 def test_worker_preload_starts_with_the_run_log():
     assert cli_run.WORKER_PRELOAD[0] == "brainage_bids.utils.worker_logging"
     assert {"torch", "deepbet", "ants", "brainage_bids.interfaces.skullstrip"} <= set(
