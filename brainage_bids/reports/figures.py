@@ -47,7 +47,9 @@ def load_ras(path) -> nib.Nifti1Image:
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4:
         data = data[..., 0]
-    return nib.Nifti1Image(np.nan_to_num(data), img.affine)
+    if not data.flags.writeable:  # a read-only memory map of an uncompressed file
+        data = data.copy()
+    return nib.Nifti1Image(np.nan_to_num(data, copy=False), img.affine)
 
 
 def on_grid(img: nib.Nifti1Image | None, ref: nib.Nifti1Image, order: int = 1):
@@ -279,7 +281,8 @@ def native_figure(input_file, out_file) -> Path:
     img = load_ras(input_file)
     data = np.asarray(img.dataobj, dtype=np.float32)
     zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
-    fg = data > np.percentile(data, 5) + 0.05 * (np.percentile(data, 99) - np.percentile(data, 5))
+    p5, p99 = np.percentile(data, [5, 99])
+    fg = data > p5 + 0.05 * (p99 - p5)
     box = _bbox(fg, margin=3)
     # window on the brighter half of the head, so white matter does not saturate
     vmin, vmax = _window(data, fg & (data > np.median(data[fg]) if fg.any() else fg))
