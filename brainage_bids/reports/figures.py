@@ -47,9 +47,11 @@ def load_ras(path) -> nib.Nifti1Image:
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4:
         data = data[..., 0]
-    if not data.flags.writeable:  # a read-only memory map of an uncompressed file
-        data = data.copy()
-    return nib.Nifti1Image(np.nan_to_num(data, copy=False), img.affine)
+    if not np.isfinite(data).all():  # one pass; nan_to_num alone makes four
+        if not data.flags.writeable:  # a read-only memory map of an uncompressed file
+            data = data.copy()
+        data = np.nan_to_num(data, copy=False)
+    return nib.Nifti1Image(data, img.affine)
 
 
 def on_grid(img: nib.Nifti1Image | None, ref: nib.Nifti1Image, order: int = 1):
