@@ -38,7 +38,14 @@ def test_local_runs_poll_the_scheduler_every_50_ms(tmp_path):
     def passthrough(x):
         return x
 
-    wf = Workflow(name="chain", base_dir=str(tmp_path))
+    from nipype import config as ncfg
+
+    saved = ncfg.get("execution", "poll_sleep_duration")
+    ncfg.set("execution", "poll_sleep_duration", "2")  # as in a fresh process
+    try:
+        wf = Workflow(name="chain", base_dir=str(tmp_path))
+    finally:
+        ncfg.set("execution", "poll_sleep_duration", saved)
     nodes = [Node(Function(input_names=["x"], output_names=["x"], function=passthrough),
                   name=f"n{i}") for i in range(4)]
     nodes[0].inputs.x = 1

@@ -674,7 +674,8 @@ def run_workflow(wf, plugin: dict, progress: Progress, opts, work_dir) -> int | 
     poll = local_poll_seconds(opts.plugin)
     ncfg.set("execution", "poll_sleep_duration", poll)
     # the workflow's own config, copied from the global one when it was built, wins over it
-    wf.config["execution"]["poll_sleep_duration"] = poll
+    if isinstance(getattr(wf, "config", None), dict):
+        wf.config.setdefault("execution", {})["poll_sleep_duration"] = poll
     plugin["plugin_args"].setdefault("status_callback", progress)
     if opts.plugin == "MultiProc" and not _WORKERS_STARTED:
         _stop_forkserver()
