@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if args.card:
-        from brainage_bids.models.train import _card_markdown
-        from brainage_bids.utils.images import atomic_write_text
+        from brainage_bids.models.train import rewrite_card
 
         card = json.loads(args.card.read_text())
         card["contrast_agreement"] = dict(summary, datasets=[str(o) for o in args.outputs])
@@ -69,9 +68,7 @@ def main(argv=None) -> int:
                          f"{v['loa_lower']:+.1f} to {v['loa_upper']:+.1f} y (n={v['n']} sessions)"
                          for k, v in summary.items()) + ".")
         card["notes"] = notes
-        atomic_write_text(args.card, json.dumps(card, indent=2) + "\n")
-        md = args.card.with_name(args.card.name.replace("_card.json", "_card.md"))
-        atomic_write_text(md, _card_markdown(card))
+        rewrite_card(args.card, card)
     return 0
 
 

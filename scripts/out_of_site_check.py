@@ -73,14 +73,11 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     if args.card:
-        from brainage_bids.models.train import _card_markdown
-        from brainage_bids.utils.images import atomic_write_text
+        from brainage_bids.models.train import rewrite_card
 
         card = json.loads(args.card.read_text())
         card["out_of_site"] = dict(summary, datasets=[str(d) for d in [args.mprage, *args.ms]])
-        atomic_write_text(args.card, json.dumps(card, indent=2) + "\n")
-        md = args.card.with_name(args.card.name.replace("_card.json", "_card.md"))
-        atomic_write_text(md, _card_markdown(card))
+        rewrite_card(args.card, card)
     return 0
 
 

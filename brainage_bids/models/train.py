@@ -289,6 +289,14 @@ def _card_markdown(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rewrite_card(card_file: Path, card: dict) -> None:
+    """Write a model card again, JSON and Markdown (``<name>_card.md`` beside it), atomically."""
+    card_file = Path(card_file)
+    atomic_write_text(card_file, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(card_file.with_name(card_file.name.replace("_card.json", "_card.md")),
+                      _card_markdown(card))
+
+
 def _out_of_site_lines(card: dict) -> list[str]:
     """Markdown of the check on scans from other sites (``scripts/out_of_site_check.py --card``)."""
     o = card.get("out_of_site")

@@ -148,16 +148,25 @@ SYNTH_MEMBER_MAE = {1: 9.33, 2: 6.92, 3: 7.44, 4: 8.71, 5: 6.79}
 SYNTH_OOF_MAE = 7.83
 
 
-def _synth_member(k: int) -> ZooEntry:
+def _cv_member(model: str, k: int, modality: str, recipe: str, licence: str, citation: str,
+               sha256: dict, mae: dict, fold_set: str) -> ZooEntry:
+    """Member ``k`` of one of our bundled cross-validation ensembles (file ``<model>-m<k>.pt``)."""
     return ZooEntry(
-        name=f"{SYNTH_MODEL}-m{k}", arch="sfcn", modality=SYNTH_MODALITY, output="bins",
-        recipe=SYNTH_RECIPE, input=InputSpec(*IXI_GRID, normalisation="mask_mean"),
-        licence="Apache-2.0 (weights trained on images synthesised from IXI, CC BY-SA 3.0)",
-        citation="brainage-bids; IXI dataset (brain-development.org); domain randomisation after "
-                 "SynthSeg (Billot et al. 2023) and SynthBA (Puglisi et al. 2024)",
-        bundled=f"{SYNTH_MODEL}-m{k}.pt", sha256=SYNTH_MEMBER_SHA256.get(k),
-        mae=SYNTH_MEMBER_MAE.get(k), mae_test_set=f"real IXI T1w of CV fold {k} (held out)",
-        notes=f"cross-validation fold {k} of {SYNTH_MODEL}")
+        name=f"{model}-m{k}", arch="sfcn", modality=modality, output="bins", recipe=recipe,
+        input=InputSpec(*IXI_GRID, normalisation="mask_mean"), licence=licence,
+        citation=citation, bundled=f"{model}-m{k}.pt", sha256=sha256.get(k), mae=mae.get(k),
+        mae_test_set=f"{fold_set} of CV fold {k} (held out)",
+        notes=f"cross-validation fold {k} of {model}")
+
+
+def _synth_member(k: int) -> ZooEntry:
+    return _cv_member(
+        SYNTH_MODEL, k, SYNTH_MODALITY, SYNTH_RECIPE,
+        "Apache-2.0 (weights trained on images synthesised from IXI, CC BY-SA 3.0)",
+        "brainage-bids; IXI dataset (brain-development.org); domain randomisation after "
+        "SynthSeg (Billot et al. 2023) and SynthBA (Puglisi et al. 2024)",
+        SYNTH_MEMBER_SHA256, SYNTH_MEMBER_MAE, "real IXI T1w")
+
 
 T1W_MODEL = "ixi-sfcn-2mm-ens"
 T1W_RECIPE = ("skull strip (deepbet); N4 in the mask; affine to MNI152NLin2009aSym; divided by "
@@ -179,13 +188,9 @@ T1W_MAE_SET = "IXI controls, out-of-fold (5-fold cross-validation, n=144; same s
 
 
 def _t1w_member(k: int) -> ZooEntry:
-    return ZooEntry(
-        name=f"{T1W_MODEL}-m{k}", arch="sfcn", modality="T1w", output="bins", recipe=T1W_RECIPE,
-        input=InputSpec(*IXI_GRID, normalisation="mask_mean"), licence=T1W_LICENCE,
-        citation="brainage-bids; IXI dataset (brain-development.org)",
-        bundled=f"{T1W_MODEL}-m{k}.pt", sha256=T1W_MEMBER_SHA256.get(k),
-        mae=T1W_MEMBER_MAE.get(k), mae_test_set=f"IXI controls of CV fold {k} (held out)",
-        notes=f"cross-validation fold {k} of {T1W_MODEL}")
+    return _cv_member(T1W_MODEL, k, "T1w", T1W_RECIPE, T1W_LICENCE,
+                      "brainage-bids; IXI dataset (brain-development.org)", T1W_MEMBER_SHA256,
+                      T1W_MEMBER_MAE, "IXI controls")
 
 
 REGISTRY: dict[str, ZooEntry] = {e.name: e for e in [
