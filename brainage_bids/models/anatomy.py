@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..utils.atropos import prior_guided_atropos
+from ..utils.images import atomic_save_npy
 
 LOG = logging.getLogger("brainage_bids.anatomy")
 
@@ -150,8 +151,6 @@ def load_anatomy(examples, arrays: np.ndarray, spec, cache_dir: Path, threads: i
         t0 = time.time()
         maps = tissue_maps(arr[0], spec.affine, priors, threads).astype(np.float16)
         LOG.info("tissue maps of %s: %.1f s", ex.path, time.time() - t0)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: runs may share the cache
-        np.save(tmp, maps)
-        os.replace(tmp, f)
+        atomic_save_npy(f, maps)
         out.append(maps)
     return np.stack(out)

@@ -29,7 +29,7 @@ from scipy import stats
 
 from .. import __version__
 from ..utils.bids import Scan, collect_scans, load_filters, read_participants
-from ..utils.images import atomic_write_text
+from ..utils.images import atomic_save_npy, atomic_write_text
 from ..utils.templates import TEMPLATE
 from .augment import augment_batch
 from .checkpoint import InputSpec, build_sfcn, mni_box_grid, save_checkpoint
@@ -168,9 +168,7 @@ def load_arrays(examples: list[Example], spec: InputSpec, cache_dir: Path) -> np
             arrays.append(np.load(f))
             continue
         arr = model_input(ex.path, ex.mask, spec)
-        tmp = f.with_suffix(f".{os.getpid()}.tmp.npy")  # atomic: runs may share the cache
-        np.save(tmp, arr)
-        os.replace(tmp, f)
+        atomic_save_npy(f, arr)
         arrays.append(arr)
     return np.stack(arrays)[:, None]
 

@@ -204,6 +204,15 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         raise
 
 
+def atomic_save_npy(path: str | os.PathLike, array) -> None:
+    """``np.save`` through :func:`atomic_write_bytes` (a cache that several runs may share)."""
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
