@@ -387,3 +387,23 @@ def test_members_trained_in_separate_runs_assemble_into_the_same_ensemble(traine
     assert np.allclose([p["predicted_age"] for p in a], [p["predicted_age"] for p in b], atol=1e-4)
     assert main([str(bids), str(out), "train", "--model-name", "split", "--members",
                  "3", "-w", str(tmp_path / "w_c"), *cv]) == 64
+
+
+def test_split_seed_keeps_the_folds_while_the_member_seeds_change():
+    """--split-seed fixes the folds, so another --seed trains new members on the same folds (more
+    members per fold, each still out-of-fold on its own fold); without it the folds follow --seed."""
+    from types import SimpleNamespace
+
+    from brainage_bids.models.train import _member_plan
+
+    ids = [f"p{i:03d}" for i in range(60)]
+    ages = list(np.random.default_rng(1).uniform(20, 86, 60))
+    opts = lambda **kw: SimpleNamespace(ensemble_mode="cv", ensemble_size=5, val_fraction=0.2,  # noqa: E731
+                                        **kw)
+    first = _member_plan(ids, ages, opts(seed=0))
+    assert first == _member_plan(ids, ages, opts(seed=0, split_seed=0))  # the default
+    again = _member_plan(ids, ages, opts(seed=5, split_seed=0))
+    assert [m["validation"] for m in again] == [m["validation"] for m in first]
+    assert [m["seed"] for m in again] == [5, 6, 7, 8, 9]
+    moved = _member_plan(ids, ages, opts(seed=5))
+    assert [m["validation"] for m in moved] != [m["validation"] for m in first]

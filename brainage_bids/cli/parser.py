@@ -155,6 +155,10 @@ def build_parser(defaults: dict | None = None) -> argparse.ArgumentParser:
     tr.add_argument("--learning-rate", type=float, default=1e-3)
     tr.add_argument("--weight-decay", type=float, default=1e-3)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--split-seed", type=int, metavar="S",
+                    help="seed of the participant splits (test, validation or cross-validation "
+                         "folds; default: --seed); the same --split-seed with another --seed "
+                         "trains more members on the same folds")
     tr.add_argument("--voxel-size", type=float, default=2.0, help="input grid of the model, mm")
     tr.add_argument("--channels", type=int, nargs=6, default=[16, 32, 64, 128, 128, 32],
                     metavar="C", help="SFCN channel widths (32 64 128 256 256 64 is the full SFCN)")

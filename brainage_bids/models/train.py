@@ -217,10 +217,10 @@ def _card_markdown(card: dict) -> str:
         split_text = (f"- n = {sp['train_validation_pool']} for training in {ens['size']} "
                       f"cross-validation folds (each member trains on {ens['size'] - 1} folds and "
                       f"selects its epoch on the remaining one), {sp['test']} test; split by "
-                      f"participant, stratified by age, seed {card['seed']}")
+                      f"participant, stratified by age, seed {card.get('split_seed', card['seed'])}")
     else:
         split_text = (f"- n = {sp['train']} train, {sp['validation']} validation, {sp['test']} test "
-                      f"(split by participant, stratified by age, seed {card['seed']})")
+                      f"(split by participant, stratified by age, seed {card.get('split_seed', card['seed'])})")
     val_label = ("out-of-fold (each scan predicted by the member that did not train on it; also "
                  "used for epoch selection)" if ens["mode"] == "cv" else "validation")
     lines = [
@@ -290,6 +290,10 @@ def _card_markdown(card: dict) -> str:
 def rewrite_card(card_file: Path, card: dict) -> None:
     """Write a model card again, JSON and Markdown (``<name>_card.md`` beside it), atomically."""
     card_file = Path(card_file)
+    if card.get("combined_from"):  # several CV ensembles combined (models/combine.py)
+        from .combine import write_combined_card
+
+        return write_combined_card(card_file, card)
     atomic_write_text(card_file, json.dumps(card, indent=2) + "\n")
     atomic_write_text(card_file.with_name(card_file.name.replace("_card.json", "_card.md")),
                       _card_markdown(card))
@@ -605,17 +609,25 @@ def initial_weights(init_from: str, plan: list[dict], arch: str, config: dict) -
     return out
 
 
+def split_seed(opts) -> int:
+    """Seed of the participant splits (``--split-seed``, default ``--seed``): the test split uses
+    it, the validation or cross-validation split it + 1."""
+    seed = getattr(opts, "split_seed", None)
+    return opts.seed if seed is None else int(seed)
+
+
 def _member_plan(pids: list[str], ages: list[float], opts) -> list[dict]:
     """Train/validation participants of each member (single, seeds or cv folds)."""
+    fold_seed = split_seed(opts) + 1
     if opts.ensemble_mode == "cv":
-        folds = kfold_split(pids, ages, opts.ensemble_size, opts.seed + 1)
+        folds = kfold_split(pids, ages, opts.ensemble_size, fold_seed)
         if min(len(f) for f in folds) < 2:
             from ..cli.parser import EXIT_NO_INPUT, UsageError
             raise UsageError(f"{opts.ensemble_size} folds of {len(pids)} participants leave a fold "
                              "with fewer than 2", EXIT_NO_INPUT)
         return [{"train": sorted(set(pids) - set(f)), "validation": f, "seed": opts.seed + k,
                  "fold": k + 1} for k, f in enumerate(folds)]
-    val_ids, train_ids = stratified_split(pids, ages, opts.val_fraction, opts.seed + 1)
+    val_ids, train_ids = stratified_split(pids, ages, opts.val_fraction, fold_seed)
     return [{"train": train_ids, "validation": val_ids, "seed": opts.seed + k, "fold": None}
             for k in range(opts.ensemble_size)]
 
@@ -650,7 +662,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
                          "training (need at least 10)", EXIT_NO_INPUT)
     pids = sorted(by_pid)
     mean_age = {p: float(np.mean([e.age for e in by_pid[p]])) for p in pids}
-    test_ids, rest = stratified_split(pids, [mean_age[p] for p in pids], opts.test_fraction, opts.seed)
+    test_ids, rest = stratified_split(pids, [mean_age[p] for p in pids], opts.test_fraction,
+                                      split_seed(opts))
     plan = _member_plan(rest, [mean_age[p] for p in rest], opts)
     LOG.info("%s %s, %d member(s) (%s): %d test participants, %d for training/validation", arch,
              modality, len(plan), opts.ensemble_mode, len(test_ids), len(rest))
@@ -797,7 +810,8 @@ def train_from_bids(bids_dir: Path, output_dir: Path, work_dir: Path, opts, comm
         "dropout": getattr(opts, "dropout", None), "loss": getattr(opts, "loss", "kl"),
         "epochs": opts.epochs, "best_epoch": members[0]["best_epoch"],
         "batch_size": opts.batch_size, "learning_rate": opts.learning_rate,
-        "weight_decay": opts.weight_decay, "seed": opts.seed, "device": device,
+        "weight_decay": opts.weight_decay, "seed": opts.seed, "split_seed": split_seed(opts),
+        "device": device,
         "training_seconds": time.time() - t0, "history": members[0]["history"], "command": command,
     }
     small_card = {k: card[k] for k in ("name", "age_range", "age_bins", "training_data", "modality",
