@@ -11,13 +11,12 @@ recomputes its figures from the combined out-of-fold predictions, and lists ever
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..utils.images import atomic_write_text
+from ..utils.images import atomic_write_bytes, atomic_write_text
 from .cards import read_card
 
 #: keys every component must share: same data, folds, grid and output
@@ -116,16 +115,11 @@ def combine_cv_ensembles(card_files: list, name: str, output_dir, command: str) 
     first = cards[0]
     out_dir = Path(output_dir) / "models" / name
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = []
-    for src in sources:
+    for src in [*sources, *files]:  # the members, then the component cards, as they are
         dst = out_dir / src.name
         if src.resolve() != dst.resolve():
-            shutil.copyfile(src, dst.with_name(dst.name + ".tmp"))
-            dst.with_name(dst.name + ".tmp").replace(dst)
-        targets.append(dst)
-    for card, f in zip(cards, files):
-        if f.resolve() != (out_dir / f.name).resolve():
-            atomic_write_text(out_dir / f.name, json.dumps(card, indent=2) + "\n")
+            atomic_write_bytes(dst, src.read_bytes())
+    targets = [out_dir / src.name for src in sources]
     manifest = out_dir / f"{name}.json"
     write_ensemble_manifest(manifest, name, first["modality"], targets)
     card = {
@@ -162,7 +156,7 @@ def write_combined_card(card_file, card: dict) -> None:
 
 def combined_markdown(card: dict) -> str:
     """Markdown of a combined cross-validation ensemble's card."""
-    from .train import _augmentation_text, _out_of_site_lines
+    from .train import _augmentation_text, _limits_lines, _out_of_site_lines
 
     def row(label, m):
         return (f"| {label} | {m['n']} | {m['mae']:.2f} | {m['r2']:.3f} | {m['pearson_r']:.3f} | "
@@ -208,13 +202,7 @@ def combined_markdown(card: dict) -> str:
           + f". Command: `{c['command']}`" for c in card["components"]],
         f"- Combined by: `{card['command']}`", "",
         *_out_of_site_lines(card),
-        "## Limits",
-        "- Trained on a single site and scanner; expect larger errors and an age bias on other "
-        "scanners: fit the group level's bias correction on your own healthy controls.",
-        f"- Ages outside {card['age_range'][0]:.0f}-{card['age_range'][1]:.0f} years are "
-        "extrapolation.",
-        "- Small training set: individual predictions carry several years of error; use for "
-        "group-level comparisons.", "",
+        *_limits_lines(card),
     ]
     if card.get("notes"):
         lines += ["## Notes", *[f"- {n}" for n in card["notes"]], ""]

@@ -274,17 +274,24 @@ def _card_markdown(card: dict) -> str:
         f"- Device: {card['device']}; training time {card['training_seconds'] / 60:.1f} min.",
         f"- Command: `{card['command']}`", "",
         *_out_of_site_lines(card),
-        "## Limits",
-        "- Trained on a single site and scanner; expect larger errors and an age bias on other "
-        "scanners: fit the group level's bias correction on your own healthy controls.",
-        f"- Ages outside {card['age_range'][0]:.0f}-{card['age_range'][1]:.0f} years are extrapolation.",
-        "- Small training set: individual predictions carry several years of error; use for "
-        "group-level comparisons.", "",
+        *_limits_lines(card),
         f"brainage-bids {card['software_version']}; weights sha256 in the JSON card.",
     ]
     if card.get("notes"):
         lines[-1:-1] = ["## Notes", *[f"- {n}" for n in card["notes"]], ""]
     return "\n".join(lines) + "\n"
+
+
+def _limits_lines(card: dict) -> list[str]:
+    """Markdown of what a model trained on one site's controls cannot do."""
+    return [
+        "## Limits",
+        "- Trained on a single site and scanner; expect larger errors and an age bias on other "
+        "scanners: fit the group level's bias correction on your own healthy controls.",
+        f"- Ages outside {card['age_range'][0]:.0f}-{card['age_range'][1]:.0f} years are "
+        "extrapolation.",
+        "- Small training set: individual predictions carry several years of error; use for "
+        "group-level comparisons.", ""]
 
 
 def rewrite_card(card_file: Path, card: dict) -> None:
